@@ -1,0 +1,112 @@
+"""The DataModule base every equidiff dataset uses.
+
+Items are dicts. Image datasets yield ``{"image": float CHW in [-1, 1], "label": int, ...}``
+(plus ``"group"`` where the dataset has groups); the base adds ``"index"`` (position in the
+split) and ``"seed"`` (= ``seed + index``), so predict-time randomness is per sample and
+generation/explanation is a predict over seeds. The [-1, 1] range is the diffusion convention;
+classifier adapters map it to each classifier's own range.
+
+Resume: the sample writer tells the DataModule which seeds are already on disk
+(``skip_seeds``); the predict dataloader leaves them out. Because every sample's randomness
+comes from its own seed, leaving samples out changes no other sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+SPLITS = ("train", "val", "test")
+
+
+class WithIndexAndSeed(Dataset):
+    """Adds ``index`` and ``seed = seed + index`` to every item of a dict-returning dataset."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.dataset[i])
+        item.setdefault("index", i)
+        item.setdefault("seed", self.seed + i)
+        return item
+
+
+class EquidiffDataModule(L.LightningDataModule):
+    """Base DataModule: subclasses implement ``make_dataset(split)`` (and may set ``num_classes``).
+
+    Args:
+        batch_size: batch size of every dataloader (per process).
+        num_workers: DataLoader workers.
+        seed: base seed; item ``i`` of a split carries seed ``seed + i``.
+        predict_split: which split ``predict`` iterates over (counterfactuals, explanations).
+        shuffle_train: shuffle the training split.
+    """
+
+    num_classes: int | None = None
+
+    def __init__(self, *, batch_size: int = 64, num_workers: int = 0, seed: int = 0,
+                 predict_split: str = "test", shuffle_train: bool = True, pin_memory: bool = False):
+        super().__init__()
+        if predict_split not in SPLITS:
+            raise ValueError(f"predict_split must be one of {SPLITS}, got {predict_split!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
+        self.predict_split, self.shuffle_train, self.pin_memory = predict_split, shuffle_train, pin_memory
+        self.skip_seeds: set[int] = set()
+        self._datasets: dict[str, Dataset] = {}
+
+    # -- subclasses --------------------------------------------------------------------
+    def make_dataset(self, split: str) -> Dataset:
+        raise NotImplementedError
+
+    # -- datasets ----------------------------------------------------------------------
+    def dataset(self, split: str) -> Dataset:
+        """The split's dataset with ``index`` and ``seed`` added (built once, cached)."""
+        if split not in self._datasets:
+            self._datasets[split] = WithIndexAndSeed(self.make_dataset(split), self.seed)
+        return self._datasets[split]
+
+    def predict_seeds(self) -> list[int]:
+        """Every seed a full predict run produces (the writer checks the merged set against it)."""
+        n = len(self.dataset(self.predict_split))
+        return list(range(self.seed, self.seed + n))
+
+    def set_skip_seeds(self, seeds: Iterable[int]) -> None:
+        self.skip_seeds = {int(s) for s in seeds}
+
+    # -- loaders -----------------------------------------------------------------------
+    def _loader(self, ds: Dataset, shuffle: bool = False, generator=None) -> DataLoader:
+        return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                          generator=generator)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(self.seed) if self.shuffle_train else None
+        return self._loader(self.dataset("train"), shuffle=self.shuffle_train, generator=g)
+
+    def val_dataloader(self):
+        return self._loader(self.dataset("val"))
+
+    def test_dataloader(self):
+        return self._loader(self.dataset("test"))
+
+    def predict_dataloader(self):
+        ds = self.dataset(self.predict_split)
+        if self.skip_seeds:
+            seeds = self.predict_seeds()
+            keep = [i for i, s in enumerate(seeds) if s not in self.skip_seeds]
+            # Lightning's predict sampler needs >= 1 item per process: top up with finished
+            # samples, which are recomputed but not rewritten (the writer skips them).
+            world = self.trainer.world_size if self.trainer is not None else 1
+            done = [i for i, s in enumerate(seeds) if s in self.skip_seeds]
+            keep = sorted(keep + done[: max(0, world - len(keep))])
+            ds = Subset(ds, keep)
+        return self._loader(ds)

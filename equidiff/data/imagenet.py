@@ -1,0 +1,109 @@
+"""ImageNet (ILSVRC-2012) in the usual ImageFolder layout, read with torchvision's ``ImageFolder``.
+
+On disk::
+
+    <root>/train/<wnid>/*.JPEG     e.g. <root>/train/n01440764/n01440764_10026.JPEG
+    <root>/val/<wnid>/*.JPEG       e.g. <root>/val/n01440764/ILSVRC2012_val_00000293.JPEG
+
+The official validation tarball unpacks to 50,000 files in one folder; sort them into one folder
+per wnid first (e.g. the ``valprep.sh`` script linked from the PyTorch ImageNet example,
+https://github.com/pytorch/examples/tree/main/imagenet). The images come from
+https://image-net.org/download.php (ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from torch.utils.data import Dataset
+from torchvision.datasets import ImageFolder
+
+from equidiff.data.base import EquidiffDataModule
+from equidiff.data.transforms import check_root, image_transform
+from equidiff.errors import ConfigError, DataLayoutError
+
+LAYOUT = "<root>/train/<wnid>/*.JPEG and/or <root>/val/<wnid>/*.JPEG (one folder per class)"
+SOURCE = ("Get ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar from https://image-net.org/download.php and "
+          "sort val into one folder per wnid (valprep.sh, https://github.com/pytorch/examples/tree/main/imagenet).")
+SPLIT_FOLDERS = {"train": "train", "val": "val", "test": "val"}
+
+
+def class_folders(folder: Path) -> list[str]:
+    """Sorted names of the sub-folders of ``folder`` (the wnids)."""
+    return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+
+
+class IndexedImageFolder(ImageFolder):
+    """``ImageFolder`` over the ``wnids`` given, labelled by ``class_to_idx``; items are dicts."""
+
+    def __init__(self, root: Path, class_to_idx: dict[str, int], transform):
+        self._class_to_idx = class_to_idx
+        super().__init__(str(root), transform=transform)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return sorted(self._class_to_idx), self._class_to_idx
+
+    def __getitem__(self, i: int) -> dict:
+        image, label = super().__getitem__(i)
+        return {"image": image, "label": label}
+
+
+class ImageNetDataModule(EquidiffDataModule):
+    """ImageNet from class folders (layout in the module docstring).
+
+    Class index = position of the wnid in the sorted list of class folders (of ``train``, or of
+    ``val`` where there is no ``train``): the standard 1000-class order of torchvision's
+    ``ImageFolder`` and of pretrained classifiers. ``classes`` reads only some wnids but keeps those
+    indices (and ``num_classes``), so a pretrained 1000-way classifier still lines up.
+
+    Splits: ``train`` = ``<root>/train``; ``val`` and ``test`` both = ``<root>/val``, ImageNet's
+    labelled evaluation set (the test labels were never released). A root with only ``val`` (all an
+    explanation run needs) is fine; asking for a split whose folder is missing is an error.
+
+    Args:
+        root: the folder that holds ``train`` and/or ``val``.
+        image_size: resize (short side) + center crop to this size (default 256); None = native sizes
+            (which differ per image, so batch_size 1).
+        classes: optional list of wnids to read.
+    """
+
+    def __init__(self, root: str, *, image_size: int | None = 256, classes: Sequence[str] | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.root = check_root("ImageNet", root, LAYOUT, SOURCE)
+        present = [name for name in ("train", "val") if (self.root / name).is_dir()]
+        if not present:
+            raise DataLayoutError(f"ImageNet: neither train/ nor val/ under {str(self.root)!r}. "
+                                  f"Expected {LAYOUT}. {SOURCE}")
+        folders = {name: class_folders(self.root / name) for name in present}
+        for name, wnids in folders.items():
+            if not wnids:
+                raise DataLayoutError(f"ImageNet: {str(self.root / name)!r} has no class folders (is it the "
+                                      f"unsorted validation tarball?). Expected {LAYOUT}. {SOURCE}")
+        if len(folders) == 2 and folders["train"] != folders["val"]:
+            only = sorted(set(folders["train"]) ^ set(folders["val"]))
+            raise DataLayoutError(f"ImageNet: train/ and val/ have different class folders "
+                                  f"({len(only)} in only one of them, e.g. {only[:5]}). {SOURCE}")
+        self.wnids = folders[present[0]]
+        self.num_classes = len(self.wnids)
+        self.classes = list(classes) if classes is not None else list(self.wnids)
+        unknown = sorted(set(self.classes) - set(self.wnids))
+        if unknown:
+            raise ConfigError(f"ImageNet: classes {unknown[:10]} are not class folders under "
+                              f"{str(self.root)!r} (it has {self.num_classes}, e.g. {self.wnids[:3]})")
+        index = {wnid: i for i, wnid in enumerate(self.wnids)}
+        self.class_to_idx = {wnid: index[wnid] for wnid in self.classes}
+        self.image_size = image_size
+        self.transform = image_transform(image_size)
+
+    def make_dataset(self, split: str) -> Dataset:
+        folder = self.root / SPLIT_FOLDERS[split]
+        if not folder.is_dir():
+            raise DataLayoutError(f"ImageNet: split {split!r} reads {str(folder)!r}, which does not exist. "
+                                  f"Expected {LAYOUT}. {SOURCE}")
+        try:
+            return IndexedImageFolder(folder, self.class_to_idx, self.transform)
+        except FileNotFoundError as e:  # a class folder without images
+            raise DataLayoutError(f"ImageNet: {e}. Expected {LAYOUT}. {SOURCE}") from e

@@ -1,0 +1,250 @@
+"""Diffusion backbones behind one model-function protocol.
+
+A backbone is an ``nn.Module`` whose ``forward(x_t, t, **cond)`` returns the predicted noise
+eps (whatever the network's own ``prediction_type``), so every sampler, guidance wrapper and
+the differentiable chain speak one protocol, ``model_fn(x_t, t) -> eps``. It also carries:
+
+* ``scheduler``: the diffusers scheduler the weights were trained with (read-only template;
+  samplers build fresh copies),
+* ``sample_shape``: (C, H, W) of x_T (latent shape for latent models),
+* ``image_shape``: (C, H, W) of decoded images in [-1, 1],
+* ``decode(z)`` / ``encode(x)``: identity for pixel models; the VAE with its scaling factor
+  for latent models.
+
+Loaders read a local folder (``save_pretrained`` layout) or a hub id through
+``from_pretrained``. Nothing is downloaded when ``HF_HUB_OFFLINE=1``; a missing folder or an
+uncached hub id is a clear error that says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from equidiff.errors import ConfigError
+
+_PRED_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def _to_eps(out: torch.Tensor, x_t: torch.Tensor, t, alphas_cumprod: torch.Tensor, prediction_type: str):
+    """Convert a network output of ``prediction_type`` to eps (DDPM / v-param. identities)."""
+    if prediction_type == "epsilon":
+        return out
+    ab = alphas_cumprod.to(x_t.device, x_t.dtype)[torch.as_tensor(t, device=x_t.device).long()]
+    ab = ab.reshape(-1, *([1] * (x_t.ndim - 1))) if ab.ndim else ab
+    if prediction_type == "sample":  # eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)
+        return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
+    if prediction_type == "v_prediction":  # eps = sqrt(ab) v + sqrt(1 - ab) x_t
+        return ab.sqrt() * out + (1 - ab).sqrt() * x_t
+    raise ConfigError(f"unknown prediction_type {prediction_type!r}; expected one of {_PRED_TYPES}")
+
+
+class DiffusionBackbone(nn.Module):
+    """Base of the backbone adapters (see module docstring)."""
+
+    is_latent: bool = False
+    num_classes: int | None = None  # class-conditional backbones set this
+
+    def __init__(self, scheduler):
+        super().__init__()
+        self.scheduler = scheduler
+        pt = scheduler.config.get("prediction_type", "epsilon")
+        if pt not in _PRED_TYPES:
+            raise ConfigError(f"scheduler prediction_type {pt!r} is not supported; expected one of {_PRED_TYPES}")
+        self.prediction_type = pt
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return self.sample_shape
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return z
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class UNetBackbone(DiffusionBackbone):
+    """Pixel-space ``UNet2DModel`` (e.g. google/ddpm-cifar10-32) + its scheduler."""
+
+    def __init__(self, unet, scheduler):
+        super().__init__(scheduler)
+        self.unet = unet.eval().requires_grad_(False)
+
+    @property
+    def sample_shape(self):
+        cfg = self.unet.config
+        size = cfg.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return (cfg.in_channels, h, w)
+
+    def forward(self, x_t: torch.Tensor, t, **cond) -> torch.Tensor:
+        out = self.unet(x_t, t, **cond).sample
+        return _to_eps(out, x_t, t, self.scheduler.alphas_cumprod, self.prediction_type)
+
+
+class LatentDiTBackbone(DiffusionBackbone):
+    """Class-conditional latent DiT (diffusers ``DiTTransformer2DModel``) + ``AutoencoderKL``.
+
+    ``forward(z_t, t, class_labels=...)`` returns eps; with a learned-sigma transformer
+    (out_channels = 2 x latent channels) only the eps half is returned. ``guidance_scale > 1``
+    applies classifier-free guidance to all eps channels (null class = ``num_classes``).
+    Latents are scaled by the VAE's ``scaling_factor``: ``decode(z) = vae.decode(z / s)``.
+    """
+
+    is_latent = True
+
+    def __init__(self, transformer, vae, scheduler, *, guidance_scale: float = 1.0, sample_posterior: bool = False):
+        super().__init__(scheduler)
+        self.transformer = transformer.eval().requires_grad_(False)
+        self.vae = vae.eval().requires_grad_(False)
+        self.guidance_scale = float(guidance_scale)
+        self.sample_posterior = sample_posterior
+        self.scaling_factor = float(vae.config.get("scaling_factor", 0.18215))
+        self.num_classes = transformer.config.num_embeds_ada_norm
+
+    @property
+    def sample_shape(self):
+        cfg = self.transformer.config
+        return (cfg.in_channels, cfg.sample_size, cfg.sample_size)
+
+    @property
+    def image_shape(self):
+        down = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        c, h, w = self.sample_shape
+        return (self.vae.config.out_channels, h * down, w * down)
+
+    def forward(self, z_t: torch.Tensor, t, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        if class_labels is None:
+            raise ValueError("a class-conditional DiT needs class_labels: bind them with "
+                             "functools.partial(backbone, class_labels=labels)")
+        b, c = z_t.shape[:2]
+        t_b = torch.as_tensor(t, device=z_t.device).reshape(-1).expand(b)
+        if self.guidance_scale > 1:
+            null = torch.full_like(class_labels, self.num_classes)
+            out = self.transformer(torch.cat([z_t, z_t]), timestep=torch.cat([t_b, t_b]),
+                                   class_labels=torch.cat([class_labels, null])).sample[:, :c]
+            cond, uncond = out.chunk(2)
+            eps = uncond + self.guidance_scale * (cond - uncond)
+        else:
+            eps = self.transformer(z_t, timestep=t_b, class_labels=class_labels).sample[:, :c]
+        return _to_eps(eps, z_t, t, self.scheduler.alphas_cumprod, self.prediction_type)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z / self.scaling_factor).sample
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        dist = self.vae.encode(x).latent_dist
+        return (dist.sample() if self.sample_posterior else dist.mode()) * self.scaling_factor
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def _resolve(path: str) -> tuple[str, bool]:
+    """(folder or hub id, is_local). A path that exists nowhere and is no hub id is an error."""
+    p = Path(os.path.expanduser(str(path)))
+    if p.exists():
+        if not p.is_dir():
+            raise ConfigError(f"diffusion weights path {str(p)!r} is a file; give the folder written by "
+                              "save_pretrained (with model_index.json or config.json)")
+        return str(p), True
+    if _HUB_ID.fullmatch(str(path)):
+        return str(path), False
+    raise ConfigError(
+        f"diffusion weights folder {str(p)!r} does not exist. Train one (e.g. `equidiff fit "
+        "experiment=digits/ddpm`) or download one where there is internet (`huggingface-cli download "
+        "<id> --local-dir <folder>`), then point diffusion.path at the folder.")
+
+
+def _from_pretrained(cls, path: str, is_local: bool, **kwargs):
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as e:  # hub errors subclass OSError
+        if is_local:
+            raise ConfigError(f"could not load {cls.__name__} from {path!r} "
+                              f"(subfolder={kwargs.get('subfolder')}): {e}") from e
+        hint = (" HF_HUB_OFFLINE=1 is set and it is not in the local Hugging Face cache."
+                if _offline() else "")
+        raise ConfigError(
+            f"{path!r} is no existing folder, and loading it as a hub id failed.{hint} Download it where there "
+            "is internet "
+            f"(`huggingface-cli download {path} --local-dir <folder>`) and set diffusion.path=<folder>. "
+            f"Original error: {e}") from e
+
+
+def _subfolders(path: str, is_local: bool, component: str) -> tuple[str | None, str | None]:
+    """Pipeline layout (model_index.json + component/ + scheduler/) or a bare model folder."""
+    if is_local:
+        index = Path(path) / "model_index.json"
+        if index.exists():
+            names = json.loads(index.read_text())
+            if component not in names:
+                raise ConfigError(f"{index} has no {component!r} component (it has "
+                                  f"{sorted(k for k in names if not k.startswith('_'))})")
+            return component, "scheduler"
+        if (Path(path) / "config.json").exists():
+            return None, None
+        raise ConfigError(f"{path!r} is not a diffusers folder: expected model_index.json (a saved pipeline) or "
+                          "config.json (a saved model); was it written by save_pretrained?")
+    return component, "scheduler"  # hub ids: pipeline layout (google/ddpm-*, facebook/DiT-*)
+
+
+def load_unet(path: str, *, scheduler=None, dtype: str | None = None) -> UNetBackbone:
+    """Load a pixel UNet2DModel + scheduler from a pipeline folder / hub id (DDPMPipeline layout).
+
+    ``scheduler``: a built diffusers scheduler to use instead of the saved one (needed for a
+    bare model folder without a scheduler).
+    """
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    path, is_local = _resolve(path)
+    sub, sched_sub = _subfolders(path, is_local, "unet")
+    kw = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
+    unet = _from_pretrained(UNet2DModel, path, is_local, subfolder=sub, **kw)
+    if scheduler is None:
+        if sched_sub is None:
+            raise ConfigError(f"{path!r} holds a bare UNet without a scheduler; set diffusion.scheduler "
+                              "(e.g. a DDPMScheduler config)")
+        scheduler = _from_pretrained(DDPMScheduler, path, is_local, subfolder=sched_sub)
+    return UNetBackbone(unet, scheduler)
+
+
+def load_dit(path: str, *, scheduler=None, vae_path: str | None = None, guidance_scale: float = 1.0,
+             dtype: str | None = None) -> LatentDiTBackbone:
+    """Load a latent DiT (transformer/ + vae/ + scheduler/, the facebook/DiT-XL-2-256 layout)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
+
+    path, is_local = _resolve(path)
+    sub, sched_sub = _subfolders(path, is_local, "transformer")
+    kw = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
+    transformer = _from_pretrained(DiTTransformer2DModel, path, is_local, subfolder=sub, **kw)
+    if vae_path is not None:
+        vpath, vlocal = _resolve(vae_path)
+        vsub = "vae" if vlocal and (Path(vpath) / "model_index.json").exists() else None
+        vae = _from_pretrained(AutoencoderKL, vpath, vlocal, subfolder=vsub, **kw)
+    elif sub is None:
+        raise ConfigError(f"{path!r} holds a bare transformer; set diffusion.vae_path to an AutoencoderKL folder")
+    else:
+        vae = _from_pretrained(AutoencoderKL, path, is_local, subfolder="vae", **kw)
+    if scheduler is None:
+        if sched_sub is None:
+            raise ConfigError(f"{path!r} has no scheduler; set diffusion.scheduler")
+        scheduler = _from_pretrained(DDIMScheduler, path, is_local, subfolder=sched_sub)
+    return LatentDiTBackbone(transformer, vae, scheduler, guidance_scale=guidance_scale)

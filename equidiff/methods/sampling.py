@@ -1,0 +1,55 @@
+"""Sampling: draw images from a diffusion backbone, optionally guided (a thin LightningModule)."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import lightning as L
+import torch
+
+from equidiff.diffusion.backbones import DiffusionBackbone
+from equidiff.errors import ConfigError
+from equidiff.methods.common import require_grad_mode
+from equidiff.utils.rng import generators_for, randn_per_sample
+
+
+class Sampling(L.LightningModule):
+    """``predict_step``: seeds -> x_T -> sampler(model_fn) -> decode -> record.
+
+    Args:
+        backbone: a ``DiffusionBackbone`` (model_fn protocol: eps = backbone(x_t, t)).
+        sampler: ``sampler(model_fn, x_T, scheduler, generators=...) -> x_0`` (e.g. a partial of
+            ``equidiff.diffusion.sample_ddim``).
+        guidance: optional ``guidance(model_fn, batch) -> model_fn`` wrapper.
+        classifier: optional classifier the guidance or metrics use; checked against the
+            backbone's image size and channels when the module is built.
+    """
+
+    def __init__(self, backbone: DiffusionBackbone, sampler: Callable, guidance: Callable | None = None,
+                 classifier: torch.nn.Module | None = None):
+        super().__init__()
+        self.backbone, self.sampler, self.guidance, self.classifier = backbone, sampler, guidance, classifier
+        if classifier is not None and hasattr(classifier, "check_compatible"):
+            classifier.check_compatible(backbone.image_shape)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        require_grad_mode()
+        seeds = batch["seed"]
+        # 1. one generator per sample seed; x_T ~ N(0, I) drawn from it
+        generators = generators_for(seeds)
+        x_T = randn_per_sample(self.backbone.sample_shape, generators, device=self.device)
+        # 2. the model function, conditioned and guided per sample
+        model_fn = self.backbone
+        if self.backbone.num_classes is not None:
+            labels = batch["label"]
+            if (labels < 0).any():
+                raise ConfigError("this backbone is class-conditional: give every seed a label "
+                                  "(data.labels=cycle|random|<int>, data.num_classes=...)")
+            model_fn = functools.partial(self.backbone, class_labels=labels)
+        if self.guidance is not None:
+            model_fn = self.guidance(model_fn, batch)
+        # 3. sample and decode
+        z_0 = self.sampler(model_fn, x_T, self.backbone.scheduler, generators=generators)
+        x_0 = self.backbone.decode(z_0).clamp(-1, 1)
+        return {"seed": seeds, "index": batch["index"], "label": batch["label"], "image": x_0}

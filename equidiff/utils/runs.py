@@ -1,0 +1,56 @@
+"""Run folders: the resolved config is saved, and a resumed predict must match it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from equidiff.errors import ConfigError
+from equidiff.utils.io import atomic_write_bytes
+
+# What may change between a run and its resumption without changing any sample.
+RESUME_FREE_KEYS = ("trainer", "logger", "callbacks", "paths", "hydra", "ckpt_path", "task_name")
+RESUME_FREE_DATA_KEYS = ("batch_size", "num_workers", "pin_memory", "num_samples")
+
+
+def _fingerprint(cfg) -> dict:
+    c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    for k in RESUME_FREE_KEYS:
+        c.pop(k, None)
+    if isinstance(c.get("data"), dict):
+        for k in RESUME_FREE_DATA_KEYS:
+            c["data"].pop(k, None)
+    return c
+
+
+def save_run_config(cfg, output_dir: Path) -> None:
+    """Write ``config.yaml`` (the full resolved config) and ``fingerprint.yaml`` (what defines the samples)."""
+    resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    atomic_write_bytes(output_dir / "config.yaml", resolved.encode())
+    fp = _fingerprint(cfg)
+    if not (output_dir / "fingerprint.yaml").exists():
+        atomic_write_bytes(output_dir / "fingerprint.yaml", OmegaConf.to_yaml(OmegaConf.create(fp)).encode())
+
+
+def _diff(a, b, prefix="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b), key=str):
+            out += _diff(a.get(k, "<absent>"), b.get(k, "<absent>"), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix[:-1]}: {a!r} -> {b!r}"]
+
+
+def check_resume_compatible(cfg, output_dir: Path) -> None:
+    """Refuse to resume into a folder whose samples came from a different configuration."""
+    path = output_dir / "fingerprint.yaml"
+    if not path.exists():
+        return
+    old = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    new = OmegaConf.to_container(OmegaConf.create(_fingerprint(cfg)), resolve=False)
+    diffs = _diff(old, new)
+    if diffs:
+        shown = "\n  ".join(diffs[:10])
+        raise ConfigError(f"{output_dir} holds results of a different configuration, so re-running would mix "
+                          f"them:\n  {shown}\nChoose another paths.output_dir, or delete the folder to start over.")

@@ -1,0 +1,74 @@
+"""Shared test set-up: offline hubs and loggers, small thread counts, tiny-model fixtures."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_unet():
+    """A tiny random 1-channel 8x8 UNet2DModel (with an attention level), seeded."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=4,
+    ).eval()
+
+
+@pytest.fixture
+def ddpm_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000)
+
+
+@pytest.fixture
+def tiny_dit_parts():
+    """A tiny class-conditional DiT (learned sigma) + tiny AutoencoderKL + DDIMScheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=1,
+        sample_size=4, patch_size=2, num_embeds_ada_norm=10,
+    ).eval()
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(8, 16), latent_channels=4,
+        norm_num_groups=4, sample_size=8,
+    ).eval()
+    return transformer, vae, DDIMScheduler(num_train_timesteps=1000)
+
+
+def save_ddpm_pipeline(path, unet, scheduler):
+    """Write a DDPMPipeline folder (model_index.json, unet/, scheduler/) like google/ddpm-cifar10-32."""
+    from diffusers import DDPMPipeline
+
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A tiny 1-channel 8x8 DDPMPipeline folder, as `equidiff fit experiment=digits/ddpm` writes one."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=4,
+    )
+    return save_ddpm_pipeline(tmp_path_factory.mktemp("models") / "tiny_ddpm", unet,
+                              DDPMScheduler(num_train_timesteps=1000))
