@@ -41,7 +41,7 @@ def tiny_dit_parts():
     torch.manual_seed(0)
     transformer = DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=1,
-        sample_size=4, patch_size=2, num_embeds_ada_norm=10,
+        sample_size=4, patch_size=2, num_embeds_ada_norm=1000,  # the null class is 1000, as in DiT
     ).eval()
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -83,7 +84,7 @@ class ClassifierConfidence(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         p = self.hist / self.hist.sum().clamp_min(1)
-        entropy = -(p[p > 0] * p[p > 0].log()).sum() / torch.log(torch.tensor(float(self.num_classes)))
+        entropy = -(p[p > 0] * p[p > 0].log()).sum() / math.log(self.num_classes)
         out = {
             "mean_confidence": self.sum_conf / self.n.clamp_min(1),
             f"frac_confidence_above_{self.threshold:g}": self.n_confident / self.n.clamp_min(1),

@@ -1,0 +1,71 @@
+"""``make bench``: run every benchmark side by side, write bench/results.json and the tables in bench/README.md."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from bench import chain_memory, ddim_throughput
+from bench.common import machine
+
+HERE = Path(__file__).resolve().parent
+
+
+def _table(results: dict) -> str:
+    d, c, m = results["ddim_throughput"], results["chain"], results["machine"]
+    t = c["time"]
+    lines = [
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
+        + (f", GPU {m['gpu']}" if "gpu" in m else "") + f"; device `{d['device']}`.",
+        "",
+        "| benchmark | equidiff | reference | ratio | target | pass |",
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| unguided DDIM ({d['num_steps']} steps, batch {d['batch_size']}), images/s | "
+        f"{d['equidiff_images_per_s']:.1f} | {d['diffusers_images_per_s']:.1f} (DDIMPipeline) | "
+        f"{d['ratio']:.3f} | {d['target']} | {'yes' if d['pass'] else 'NO'} |",
+        f"| chain peak memory with checkpointing, 50 vs 5 steps (batch {c['batch_size']}), MiB | "
+        f"{c['memory']['checkpoint_50_steps_mib']:.0f} | {c['memory']['checkpoint_5_steps_mib']:.0f} | "
+        f"{c['memory_ratio_ckpt_50_over_5']:.2f} | {c['memory_target']} | {'yes' if c['memory_pass'] else 'NO'} |",
+        f"| chain backward time, with vs without checkpointing ({c['time_steps']} steps), s | "
+        f"{t['checkpoint']['backward_s']:.2f} | {t['plain']['backward_s']:.2f} | {t['backward_ratio']:.2f} | "
+        f"<= 1.5 | {'yes' if c['time_pass'] else 'NO'} |",
+        "",
+        "For context (same run): without checkpointing the chain's peak memory is "
+        f"{c['memory']['plain_5_steps_mib']:.0f} MiB at 5 steps and {c['memory']['plain_50_steps_mib']:.0f} MiB "
+        f"at 50 steps; forward + backward (one optimisation iteration) takes "
+        f"{t['checkpoint']['forward_backward_s']:.2f} s with and {t['plain']['forward_backward_s']:.2f} s without "
+        f"checkpointing (ratio {t['forward_backward_ratio']:.2f}).",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {"machine": machine()}
+    print("bench: unguided DDIM throughput ...", flush=True)
+    results["ddim_throughput"] = ddim_throughput.run(device=device)
+    print(json.dumps(results["ddim_throughput"], indent=1), flush=True)
+    print("bench: differentiable chain memory and time ...", flush=True)
+    results["chain"] = chain_memory.run(device=device)
+    print(json.dumps(results["chain"], indent=1), flush=True)
+
+    (HERE / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = _table(results)
+    readme = HERE / "README.md"
+    text = readme.read_text()
+    key = "gpu" if device == "cuda" else "cpu"
+    text = re.sub(rf"(<!--RESULTS:{key}-->\n).*?(\n<!--/RESULTS:{key}-->)", lambda mt: mt.group(1) + table
+                  + mt.group(2), text, flags=re.S)
+    readme.write_text(text)
+    print("\n" + table)
+    ok = results["ddim_throughput"]["pass"] and results["chain"]["memory_pass"] and results["chain"]["time_pass"]
+    print("\nall targets met" if ok else "\nsome targets NOT met (see above)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
