@@ -12,9 +12,12 @@ export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-8}
 # Requeue on the time-limit signal (#SBATCH --signal=B:USR1@<seconds>): the requeued job re-runs this
 # script, and every step resumes (predict skips samples already written; fit resumes from last.ckpt).
 # equidiff does not rely on Lightning's HPC checkpoints for progress.
+STEP_PID=""
 requeue() {
   echo "equidiff: time limit near, requeueing job ${SLURM_JOB_ID:-?}"
   if [ -n "${SLURM_JOB_ID:-}" ]; then scontrol requeue "$SLURM_JOB_ID"; fi
+  # stop the running step now (samples already written stay; the requeued job resumes after them)
+  if [ -n "$STEP_PID" ]; then kill -TERM "$STEP_PID" 2>/dev/null || true; fi
   exit 0
 }
 trap requeue USR1
@@ -23,7 +26,9 @@ trap requeue USR1
 # run in the background and `wait`, so the shell can take the signal while srun runs
 step() {
   srun "$@" &
-  wait $!
+  STEP_PID=$!
+  wait "$STEP_PID"
+  STEP_PID=""
 }
 
 # the trainer for `srun`: ddp over all tasks of the allocation (TRAINER=gpu for a single task)
