@@ -67,7 +67,8 @@ class SampleWriter(BasePredictionWriter):
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         if not self.merge:
             return
-        if trainer.fast_dev_run or trainer.limit_predict_batches != 1.0:
+        limit = trainer.limit_predict_batches  # an int is a number of batches, a float a fraction
+        if trainer.fast_dev_run or not (isinstance(limit, float) and limit >= 1.0):
             log.warning("partial predict (fast_dev_run / limit_predict_batches): samples written, not merged")
             return
         trainer.strategy.barrier("equidiff_sample_writer")

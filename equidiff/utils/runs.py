@@ -10,7 +10,7 @@ from equidiff.errors import ConfigError
 from equidiff.utils.io import atomic_write_bytes
 
 # What may change between a run and its resumption without changing any sample.
-RESUME_FREE_KEYS = ("trainer", "logger", "callbacks", "paths", "hydra", "ckpt_path", "task_name")
+RESUME_FREE_KEYS = ("trainer", "logger", "callbacks", "paths", "hydra", "ckpt_path", "task_name", "metrics", "verbs")
 RESUME_FREE_DATA_KEYS = ("batch_size", "num_workers", "pin_memory", "num_samples")
 
 
