@@ -29,18 +29,33 @@ test: install
 test-all: install
 	$(PY) -m pytest -q
 
-# The main job on the embedded data: train the tiny digits DDPM (only when the cache is empty),
-# then draw DDIM samples from it; prints where the images and metrics are.
-demo: install
-	@if [ -f "$(EQUIDIFF_CACHE)/digits_ddpm/model_index.json" ]; then \
-	  echo "using the cached digits DDPM in $(EQUIDIFF_CACHE)/digits_ddpm (delete it to retrain)"; \
+# The main jobs on the embedded data: train the tiny digits DDPM, an adversarially trained CNN and
+# a judge CNN (each only when its cache folder is empty), draw unguided DDIM samples, then
+# robust-energy guided samples toward each seed's label, and compare the judge's accuracy of
+# guided and unguided samples. Prints where the images and metrics are.
+define train_once
+	@if [ -f "$(EQUIDIFF_CACHE)/$(1)/$(2)" ]; then \
+	  echo "using the cached $(1) in $(EQUIDIFF_CACHE)/$(1) (delete it to retrain)"; \
 	else \
-	  $(EQ) fit experiment=digits/ddpm; \
+	  $(EQ) fit experiment=$(3); \
 	fi
+endef
+
+demo: install
+	$(call train_once,digits_ddpm,model_index.json,digits/ddpm)
+	$(call train_once,digits_robust_cnn,model.safetensors,digits/robust_classifier)
+	$(call train_once,digits_judge_cnn,model.safetensors,digits/judge_classifier)
 	$(EQ) predict experiment=digits/sample
+	$(EQ) predict experiment=digits/robust_energy
+	$(EQ) predict experiment=digits/robust_energy guidance.scale=0 task_name=digits_robust_energy_unguided
 	@echo
-	@echo "demo outputs: outputs/digits_sample/ (grid.png, samples.npz, samples/, metrics.json)"
-	@cat outputs/digits_sample/metrics.json
+	@echo "unguided DDIM samples:  outputs/digits_sample/ (grid.png, samples.npz, samples/, metrics.json)"
+	@echo "robust-energy guided:   outputs/digits_robust_energy/ (same files; labels 0..9 in turn)"
+	@echo "the same seeds unguided: outputs/digits_robust_energy_unguided/"
+	@echo
+	@$(PY) -m equidiff.report outputs/digits_robust_energy outputs/digits_robust_energy_unguided \
+	  --keys judge/accuracy judge/mean_confidence energy/mean_joint_energy energy/mean_energy \
+	  precision_recall/precision precision_recall/recall
 
 # Benchmarks (ratios measured side by side in one run); results go to bench/results.json and
 # the tables in bench/README.md are written from them.

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
-from bench import chain_memory, ddim_throughput
+from bench import chain_memory, ddim_throughput, guided_step
 from bench.common import machine
 
 HERE = Path(__file__).resolve().parent
 
 
 def _table(results: dict) -> str:
-    d, c, m = results["ddim_throughput"], results["chain"], results["machine"]
+    d, c, m, g = results["ddim_throughput"], results["chain"], results["machine"], results["guided_step"]
     t = c["time"]
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads)"
@@ -33,6 +33,10 @@ def _table(results: dict) -> str:
         f"| chain backward time, with vs without checkpointing ({c['time_steps']} steps), s | "
         f"{t['checkpoint']['backward_s']:.2f} | {t['plain']['backward_s']:.2f} | {t['backward_ratio']:.2f} | "
         f"<= 1.5 | {'yes' if c['time_pass'] else 'NO'} |",
+        f"| guided DDIM step vs UNet forward + classifier ({g['classifier']}) forward+backward (batch "
+        f"{g['batch_size']}), s | {g['guided_step_s']:.3f} | "
+        f"{g['unet_forward_s'] + g['classifier_forward_backward_s']:.3f}"
+        f" | {g['ratio']:.3f} | {g['target']} | {'yes' if g['pass'] else 'NO'} |",
         "",
         "For context (same run): without checkpointing the chain's peak memory is "
         f"{c['memory']['plain_5_steps_mib']:.0f} MiB at 5 steps and {c['memory']['plain_50_steps_mib']:.0f} MiB "
@@ -49,6 +53,9 @@ def main() -> int:
     print("bench: unguided DDIM throughput ...", flush=True)
     results["ddim_throughput"] = ddim_throughput.run(device=device)
     print(json.dumps(results["ddim_throughput"], indent=1), flush=True)
+    print("bench: guided DDIM step ...", flush=True)
+    results["guided_step"] = guided_step.run(device=device)
+    print(json.dumps(results["guided_step"], indent=1), flush=True)
     print("bench: differentiable chain memory and time ...", flush=True)
     results["chain"] = chain_memory.run(device=device)
     print(json.dumps(results["chain"], indent=1), flush=True)
@@ -62,7 +69,8 @@ def main() -> int:
                   + mt.group(2), text, flags=re.S)
     readme.write_text(text)
     print("\n" + table)
-    ok = results["ddim_throughput"]["pass"] and results["chain"]["memory_pass"] and results["chain"]["time_pass"]
+    ok = (results["ddim_throughput"]["pass"] and results["chain"]["memory_pass"] and results["chain"]["time_pass"]
+          and results["guided_step"]["pass"])
     print("\nall targets met" if ok else "\nsome targets NOT met (see above)")
     return 0
 

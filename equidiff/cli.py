@@ -74,9 +74,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def experiments() -> list[str]:
-    """Every experiment name (conf/experiment/<name>.yaml, nested folders as group/name)."""
+    """Every experiment name (conf/experiment/<name>.yaml, nested folders as group/name).
+
+    Files whose name starts with ``_`` hold settings shared by several experiments and are not listed.
+    """
     root = conf_dir() / "experiment"
-    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml"))
+    return sorted(str(p.relative_to(root).with_suffix("")) for p in root.rglob("*.yaml") if not p.name.startswith("_"))
 
 
 def _check_experiment(overrides: list[str]) -> None:

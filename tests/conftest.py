@@ -72,3 +72,26 @@ def tiny_pipeline_dir(tmp_path_factory):
     )
     return save_ddpm_pipeline(tmp_path_factory.mktemp("models") / "tiny_ddpm", unet,
                               DDPMScheduler(num_train_timesteps=1000))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline3_dir(tmp_path_factory):
+    """A tiny 3-channel 32x32 DDPMPipeline folder (a stand-in for google/ddpm-cifar10-32)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, attention_head_dim=4,
+    )
+    return save_ddpm_pipeline(tmp_path_factory.mktemp("models") / "tiny_ddpm3", unet,
+                              DDPMScheduler(num_train_timesteps=1000))
+
+
+@pytest.fixture(scope="session")
+def fidelity_weights_dir(tmp_path_factory):
+    """Random-weight Inception-v3 (torch-fidelity layout) written where paths.weights_dir expects it."""
+    from tests.metrics.fakes import write_fake_fidelity_weights
+
+    return write_fake_fidelity_weights(tmp_path_factory.getbasetemp() / "fidelity_weights", vgg=False)

@@ -9,6 +9,15 @@ classifier adapters map it to each classifier's own range.
 Resume: the sample writer tells the DataModule which seeds are already on disk
 (``skip_seeds``); the predict dataloader leaves them out. Because every sample's randomness
 comes from its own seed, leaving samples out changes no other sample.
+
+Exact evaluation under DDP: Lightning's validate/test loops would inject a padding
+``DistributedSampler`` (samples repeated so that every rank gets as many), which counts some
+samples twice. Under DDP the val/test loaders here carry their own ``ShardSampler`` (rank r
+takes items r, r + world, ...; nothing repeated, a rank may get one item fewer), and Lightning
+keeps a sampler that is already a ``DistributedSampler``. Metrics then need sum-reduced states
+(torchmetrics) and no per-step ``self.log(..., sync_dist=True)``, which would wait for a batch
+that a shorter rank never runs. Training keeps Lightning's shuffling ``DistributedSampler``
+and predict its unrepeated sampler.
 """
 
 from __future__ import annotations
@@ -17,7 +26,9 @@ from collections.abc import Iterable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+
+from equidiff.errors import ConfigError
 
 SPLITS = ("train", "val", "test")
 
@@ -36,6 +47,24 @@ class WithIndexAndSeed(Dataset):
         item.setdefault("index", i)
         item.setdefault("seed", self.seed + i)
         return item
+
+
+class ShardSampler(DistributedSampler):
+    """Items ``rank, rank + world, ...`` of a dataset, in order, none repeated (exact evaluation under DDP).
+
+    A ``DistributedSampler`` subclass so that Lightning keeps it instead of injecting its padding one.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 class EquidiffDataModule(L.LightningDataModule):
@@ -83,20 +112,32 @@ class EquidiffDataModule(L.LightningDataModule):
         self.skip_seeds = {int(s) for s in seeds}
 
     # -- loaders -----------------------------------------------------------------------
-    def _loader(self, ds: Dataset, shuffle: bool = False, generator=None) -> DataLoader:
+    def _loader(self, ds: Dataset, shuffle: bool = False, generator=None, sampler=None) -> DataLoader:
         return DataLoader(ds, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-                          generator=generator)
+                          generator=generator, sampler=sampler)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        """The split in order; under DDP an unpadded shard per rank (``ShardSampler``)."""
+        ds = self.dataset(split)
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world == 1:
+            return self._loader(ds)
+        if len(ds) < world:
+            raise ConfigError(f"the {split} split has {len(ds)} item(s), fewer than the {world} processes; "
+                              f"run on fewer devices (trainer.devices=...)")
+        return self._loader(ds, sampler=ShardSampler(ds, num_replicas=world, rank=trainer.global_rank))
 
     def train_dataloader(self):
         g = torch.Generator().manual_seed(self.seed) if self.shuffle_train else None
         return self._loader(self.dataset("train"), shuffle=self.shuffle_train, generator=g)
 
     def val_dataloader(self):
-        return self._loader(self.dataset("val"))
+        return self._eval_loader("val")
 
     def test_dataloader(self):
-        return self._loader(self.dataset("test"))
+        return self._eval_loader("test")
 
     def predict_dataloader(self):
         ds = self.dataset(self.predict_split)

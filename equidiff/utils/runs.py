@@ -14,6 +14,36 @@ RESUME_FREE_KEYS = ("trainer", "logger", "callbacks", "paths", "hydra", "ckpt_pa
 RESUME_FREE_DATA_KEYS = ("batch_size", "num_workers", "pin_memory", "num_samples")
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _weights_signature(value: str) -> str | None:
+    """Size and modification time of the weight files a config value points to (a file or a model folder)."""
+    p = Path(value)
+    try:
+        if p.is_file() and p.suffix in WEIGHT_SUFFIXES:
+            files = [p]
+        elif p.is_dir() and ((p / "model_index.json").exists() or (p / "config.json").exists()):
+            files = sorted(f for f in p.glob("**/*")
+                           if f.suffix in WEIGHT_SUFFIXES and len(f.relative_to(p).parts) <= 2)
+        else:
+            return None
+        return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    except OSError:
+        return None
+
+
+def _leaves(node, prefix=""):
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _leaves(v, f"{prefix}{k}.")
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _leaves(v, f"{prefix}{i}.")
+    else:
+        yield prefix[:-1], node
+
+
 def _fingerprint(cfg) -> dict:
     c = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
     for k in RESUME_FREE_KEYS:
@@ -21,6 +51,10 @@ def _fingerprint(cfg) -> dict:
     if isinstance(c.get("data"), dict):
         for k in RESUME_FREE_DATA_KEYS:
             c["data"].pop(k, None)
+    # the weights behind the paths: retraining a cached model must not be resumed into old samples
+    weights = {k: sig for k, v in _leaves(c) if isinstance(v, str) and (sig := _weights_signature(v))}
+    if weights:
+        c["_weights"] = weights
     return c
 
 
@@ -52,5 +86,7 @@ def check_resume_compatible(cfg, output_dir: Path) -> None:
     diffs = _diff(old, new)
     if diffs:
         shown = "\n  ".join(diffs[:10])
-        raise ConfigError(f"{output_dir} holds results of a different configuration, so re-running would mix "
+        why = (" (the weight files behind these paths changed since the samples were written)"
+               if any(d.startswith("_weights") for d in diffs) else "")
+        raise ConfigError(f"{output_dir} holds results of a different configuration{why}, so re-running would mix "
                           f"them:\n  {shown}\nChoose another paths.output_dir, or delete the folder to start over.")

@@ -16,7 +16,7 @@ def test_usage_and_unknown_verb(capsys):
 def test_hydra_help_and_cfg_job():
     r = run_cli(["predict", "--help"])
     assert r.returncode == 0, r.stderr
-    assert "Config groups" in r.stdout and "experiment/digits: ddpm, sample" in r.stdout
+    assert "Config groups" in r.stdout and "experiment/digits:" in r.stdout and "sample" in r.stdout
 
     r = run_cli(["predict", "experiment=digits/sample", "--cfg", "job"])
     assert r.returncode == 0, r.stderr

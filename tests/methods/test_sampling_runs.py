@@ -91,7 +91,7 @@ def test_resume_into_a_folder_of_another_configuration_is_refused(tiny_pipeline_
 class GradProbe:
     """A guidance wrapper that takes a gradient of the model output, as real guidance does."""
 
-    def __call__(self, model_fn, batch):
+    def __call__(self, model_fn, batch, scheduler):
         def guided(x_t, t):
             with torch.enable_grad():
                 x = x_t.detach().requires_grad_(True)
@@ -135,3 +135,19 @@ def test_one_process_and_two_ddp_processes_give_the_same_samples(tiny_pipeline_d
     # metrics are exact under DDP (sum-reduced / gathered states)
     assert json.loads((out / "metrics.json").read_text()) == pytest.approx(
         json.loads((reference[0] / "metrics.json").read_text()))
+
+
+def test_resume_is_refused_when_the_weights_changed(tiny_pipeline_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dir, model)
+    out = tmp_path / "w"
+    _predict(model, out, "data.num_samples=2", "metrics=none")
+    weights = next((model / "unet").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes())  # retrained (here: rewritten) in place
+    import os
+
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    with pytest.raises(ConfigError, match="_weights"):
+        _predict(model, out, "data.num_samples=2", "metrics=none")
