@@ -15,6 +15,6 @@
 # submit from the repository root: sbatch slurm/robust_energy.sh [overrides]
 cd "${SLURM_SUBMIT_DIR:-.}" && source slurm/_common.sh
 
-EXPERIMENT=${EXPERIMENT:-robust_energy/cifar10_logp}
+EXPERIMENT=${EXPERIMENT:-robust_energy/fig4_13_energy}
 step equidiff predict experiment="$EXPERIMENT" trainer="$TRAINER" trainer.devices="$DEVICES" \
   trainer.num_nodes="$NODES" "$@"

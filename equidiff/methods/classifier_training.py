@@ -10,7 +10,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from torchmetrics import Accuracy
+from torchmetrics import Accuracy, MeanMetric
 
 from equidiff.attacks.pgd import pgd_attack
 
@@ -40,6 +40,7 @@ class ClassifierTraining(L.LightningModule):
         k = classifier.num_classes
         self.val_acc = Accuracy(task="multiclass", num_classes=k)
         self.val_robust_acc = Accuracy(task="multiclass", num_classes=k)
+        self.val_loss = MeanMetric()  # metrics, not sync_dist logging: exact with unequal shards under DDP
         self.save_hyperparameters(ignore=["classifier", "optimizer", "lr_scheduler"])
 
     def on_train_epoch_start(self) -> None:
@@ -63,7 +64,8 @@ class ClassifierTraining(L.LightningModule):
         x, y = batch[self.input_key], batch["label"]
         logits = self.classifier(x)
         self.val_acc(logits, y)
-        self.log("val/loss", F.cross_entropy(logits, y), sync_dist=True, batch_size=len(y))
+        self.val_loss.update(F.cross_entropy(logits, y), weight=len(y))
+        self.log("val/loss", self.val_loss, batch_size=len(y))
         self.log("val/acc", self.val_acc, prog_bar=True, batch_size=len(y))
         if self.adversarial:
             self.val_robust_acc(self.classifier(self._attack(x, y, random_init=False)), y)

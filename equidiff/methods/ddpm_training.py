@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMPipeline
 from diffusers.training_utils import EMAModel
+from torchmetrics import MeanMetric
 
 from equidiff.utils.rng import generators_for, randn_per_sample
 
@@ -34,6 +35,7 @@ class DDPMTraining(L.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         self.image_key = image_key
         self.ema = EMAModel(self.unet.parameters(), decay=ema_decay, use_ema_warmup=True, power=ema_power)
+        self.val_loss = MeanMetric()  # sum-reduced: exact with unequal shards under DDP
         self.save_hyperparameters(ignore=["unet", "scheduler", "optimizer", "lr_scheduler"])
 
     def on_fit_start(self) -> None:
@@ -63,7 +65,8 @@ class DDPMTraining(L.LightningModule):
         eps = randn_per_sample(x_0.shape[1:], gens, device=self.device)
         t = torch.stack([torch.randint(0, self.scheduler.config.num_train_timesteps, (), generator=g)
                          for g in gens]).to(self.device)
-        self.log("val/loss", self._loss(x_0, eps, t), prog_bar=True, sync_dist=True, batch_size=x_0.shape[0])
+        self.val_loss.update(self._loss(x_0, eps, t), weight=x_0.shape[0])
+        self.log("val/loss", self.val_loss, prog_bar=True, batch_size=x_0.shape[0])
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.unet.parameters())

@@ -120,8 +120,7 @@ class RobustAccuracy(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         rows = self.rows()
         for r in rows:  # the values are already reduced over processes: log them as they are, without a sync
-            self.log(accuracy_key(r["classifier"], r["eps_test"]), r["accuracy"], sync_dist=True,
-                     rank_zero_only=True)
+            self.log(accuracy_key(r["classifier"], r["eps_test"]), r["accuracy"])
         if not self.trainer.is_global_zero:
             return
         table = markdown_table(rows, self.labels, self.test_eps)

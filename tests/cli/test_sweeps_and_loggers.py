@@ -50,3 +50,14 @@ def test_wandb_logger_offline(tiny_pipeline_dir, tmp_path):
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     assert (out / "metrics.json").exists()
+
+
+def test_fit_with_two_ddp_processes(tmp_path):
+    # training + validation under DDP (gloo): unequal validation shards must not hang
+    out = tmp_path / "fit"
+    r = run_cli(["fit", "experiment=digits/judge_classifier", "trainer=ddp_cpu", "trainer.devices=2",
+                 "trainer.max_epochs=2", "trainer.check_val_every_n_epoch=1", "trainer.limit_train_batches=2",
+                 "data.batch_size=47", f"paths.output_dir={out}", f"paths.cache_dir={tmp_path}/cache"], timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (tmp_path / "cache" / "digits_judge_cnn" / "model.safetensors").exists()
+    assert (out / "checkpoints" / "last.ckpt").exists()
