@@ -242,3 +242,23 @@ def test_schedule_landmarks():
 def test_impossible_parameters_are_refused(make, msg):
     with pytest.raises(ConfigError, match=msg):
         make()
+
+
+def test_guidance_with_ddpm_ancestral_sampling(tiny_unet, ddpm_scheduler):
+    from equidiff.diffusion import sample_ddpm
+
+    backbone = UNetBackbone(tiny_unet, ddpm_scheduler)
+    torch.manual_seed(0)
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
+    clf.num_classes = 4
+    batch = {"seed": torch.tensor([1, 2]), "label": torch.tensor([0, 3])}
+    sampler = functools.partial(sample_ddpm, num_steps=5)
+    with torch.no_grad():
+        unguided = draw_samples(backbone, sampler, batch)
+        zero = draw_samples(backbone, sampler, batch, guidance=ClassifierGuidance(NegLogLikelihood(clf), scale=0.0))
+        guided = draw_samples(backbone, sampler, batch, guidance=ClassifierGuidance(NegLogLikelihood(clf), scale=50.0))
+    assert torch.equal(zero, unguided) and not torch.allclose(guided, unguided)
+    # guidance raises log p(y | x) of the samples
+    with torch.no_grad():
+        lp = lambda x: log_p_y_given_x(clf(x), batch["label"]).mean()  # noqa: E731
+        assert lp(guided) > lp(unguided)
