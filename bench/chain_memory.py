@@ -10,7 +10,6 @@ the peak resident set size (``ru_maxrss``) minus the resident size just before t
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -18,32 +17,20 @@ import time
 import torch
 from diffusers import DDPMScheduler
 
-from bench.common import bench_unet, median
+from bench.common import bench_unet, measurement_env, median, peak_memory_mib
 from equidiff.diffusion import UNetBackbone, ddim_chain
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def measure_memory(num_steps: int, checkpoint: bool, batch_size: int, device: str) -> float:
     """Peak extra memory (MiB) of one forward + backward through the chain (run in its own process)."""
     backbone = UNetBackbone(bench_unet().to(device), DDPMScheduler(num_train_timesteps=1000))
     z = torch.randn(batch_size, *backbone.sample_shape, device=device, requires_grad=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = _rss_mb()
-    x_0 = ddim_chain(backbone, z, backbone.scheduler, num_steps=num_steps, checkpoint=checkpoint)
-    (g,) = torch.autograd.grad(x_0.square().mean(), z)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
-    return peak - base
+
+    def forward_backward():
+        x_0 = ddim_chain(backbone, z, backbone.scheduler, num_steps=num_steps, checkpoint=checkpoint)
+        return torch.autograd.grad(x_0.square().mean(), z)
+
+    return peak_memory_mib(forward_backward, device)[1]
 
 
 def _sync(device: str) -> None:
@@ -86,7 +73,7 @@ def run(batch_size: int = 4, time_steps: int = 20, repeats: int = 3, device: str
     for ckpt in (True, False):
         for steps in (5, 50):
             cmd = [sys.executable, "-m", "bench.chain_memory", str(steps), str(int(ckpt)), str(batch_size), device]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            res = subprocess.run(cmd, capture_output=True, text=True, check=True, env=measurement_env())
             mem[f"{'checkpoint' if ckpt else 'plain'}_{steps}_steps_mib"] = json.loads(res.stdout.splitlines()[-1])
     mem_ratio = mem["checkpoint_50_steps_mib"] / mem["checkpoint_5_steps_mib"]
     t = measure_time(time_steps, batch_size, repeats, device)

@@ -32,6 +32,38 @@ def timed(fn, device: str = "cpu") -> float:
     return time.perf_counter() - t
 
 
+def measurement_env() -> dict:
+    """The environment of a memory-measuring subprocess. On CPU, peak memory is read as the resident set size;
+    glibc keeps freed heap blocks mapped (and fragmented), so the RSS of a run that frees and reallocates its
+    activations step after step (checkpointed recomputation) grows with the step count even when the live
+    memory does not. Serving allocations from 64 KiB up with mmap returns them to the system on free, so the
+    RSS follows the live memory (measured: the checkpointed chain's 5 -> 50 step growth went from 132 MiB to
+    21 MiB with it). No effect on CUDA memory."""
+    import os
+
+    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def peak_memory_mib(fn, device: str = "cpu") -> tuple[object, float]:
+    """Run ``fn()`` and return (its result, its peak extra memory in MiB): on CUDA ``max_memory_allocated``
+    above what is allocated before; on CPU the peak resident set size above the resident size before (run
+    it in a fresh process started with ``measurement_env()``, as ru_maxrss is a process-lifetime peak)."""
+    import resource
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/statm") as f:
+            base = int(f.read().split()[1]) * resource.getpagesize() / 2**20
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        return out, (torch.cuda.max_memory_allocated() - base) / 2**20
+    return out, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base  # KiB -> MiB on Linux
+
+
 def median(xs):
     return statistics.median(xs)
 

@@ -36,6 +36,10 @@ def ddpm_scheduler():
 @pytest.fixture
 def tiny_dit_parts():
     """A tiny class-conditional DiT (learned sigma) + tiny AutoencoderKL + DDIMScheduler."""
+    return make_tiny_dit_parts()
+
+
+def make_tiny_dit_parts():
     from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
     torch.manual_seed(0)
@@ -90,8 +94,40 @@ def tiny_pipeline3_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_dit_dir(tmp_path_factory):
+    """A tiny DiTPipeline folder (transformer/, vae/, scheduler/), the facebook/DiT-XL-2-256 layout."""
+    from diffusers import DDIMScheduler, DiTPipeline
+
+    transformer, vae, _ = make_tiny_dit_parts()
+    path = tmp_path_factory.mktemp("models") / "tiny_dit"
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler(num_train_timesteps=1000)).save_pretrained(
+        str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
 def fidelity_weights_dir(tmp_path_factory):
     """Random-weight Inception-v3 (torch-fidelity layout) written where paths.weights_dir expects it."""
     from tests.metrics.fakes import write_fake_fidelity_weights
 
     return write_fake_fidelity_weights(tmp_path_factory.getbasetemp() / "fidelity_weights", vgg=False)
+
+
+@pytest.fixture(scope="session")
+def trained_digits_ddpm(tmp_path_factory):
+    """A cache folder holding digits_ddpm, the digits DDPM briefly trained through the real config (200 steps,
+    about 30 s): shared by the end-to-end digits tests of the methods (each adds its classifiers next to it)."""
+    from equidiff.cli import run
+    from tests.helpers import compose_cfg
+
+    root = tmp_path_factory.mktemp("digits_models")
+    cache = root / "cache"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(compose_cfg(["experiment=digits/ddpm", f"paths.output_dir={root}/ddpm", "trainer.max_steps=200",
+                         "trainer.check_val_every_n_epoch=1000", f"paths.cache_dir={cache}", "trainer=cpu",
+                         "logger=csv", "trainer.enable_progress_bar=false"]), "fit")
+    finally:
+        torch.set_num_threads(before)
+    return cache

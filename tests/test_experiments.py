@@ -10,7 +10,9 @@ this test: add how to run it offline in seconds.
 import pytest
 
 from equidiff.cli import experiments, run
+from tests.ace.test_experiments_ace import OVERRIDES as ACE_OVERRIDES
 from tests.helpers import compose_cfg
+from tests.methods.test_counterfactual import OVERRIDES as CF_OVERRIDES
 
 STANDIN_CLASSIFIER = "tests.analysis.standins.tiny_robustness_classifier"
 CIFAR_STANDINS = ["paths.data_dir={tmp}/data", "paths.weights_dir={tmp}/weights", "data.num_workers=0",
@@ -27,7 +29,11 @@ CIFAR_UNGUIDED = ["diffusion.path={pipeline3}", "data.num_samples=4", "data.batc
                   "metrics=none"]
 DIGITS_GUIDED = ["diffusion.path={pipeline}", "classifier.weights_path=null", "data.num_samples=4",
                  "data.batch_size=2", "sampler.num_steps=2", "metrics.judge.metric.classifier.weights_path=null"]
-
+INVARIANT_FAST = ["data.num_queries=2", "data.samples_per_query=2", "data.batch_size=2", "method.num_steps=2",
+                  "method.budget=2"]
+INVARIANT_CIFAR = ["diffusion.path={pipeline3}", f"classifier._target_={STANDIN_CLASSIFIER}",
+                   "paths.weights_dir={tmp}/w", "paths.data_dir={tmp}/data",
+                   "data.source._target_=tests.analysis.standins.fake_cifar10", *INVARIANT_FAST]
 # experiment -> (verb, overrides)
 OVERRIDES = {
     # foundation
@@ -63,6 +69,23 @@ OVERRIDES = {
     "robust_energy/fig4_14_dual": ("predict", [*CIFAR_GUIDED, "guidance.objective.class_means_path=null",
                                                "+guidance.objective.class_means=[-9,-8,-7,-6,-5,-4,-3,-2,-1,0]"]),
     "robust_energy/fig4_17_pgd": ("predict", [*CIFAR_GUIDED, "guidance.pgd_steps=2"]),
+    # invariant-set sampling (seed 000)
+    "invariant/cifar10_logits": ("predict", INVARIANT_CIFAR),
+    "invariant/cifar10_neuron": ("predict", INVARIANT_CIFAR),
+    "invariant/imagenet_dit_logits": ("predict", [
+        "diffusion.path={dit}", "paths.data_dir={tmp}/data",
+        "data.source._target_=tests.analysis.standins.fake_imagenet", "data.source.image_size=8",
+        "classifier.weights_path=null", "classifier.name=resnet18", "classifier.image_size=32", *INVARIANT_FAST]),
+    "invariant/circles_mlp": ("fit", ["trainer.fast_dev_run=true", "paths.cache_dir={tmp}/cache"]),
+    "invariant/circles_ddpm": ("fit", ["trainer.fast_dev_run=true", "paths.cache_dir={tmp}/cache"]),
+    "invariant/circles": ("predict", ["diffusion._target_=tests.analysis.standins.random_point_diffusion",
+                                      "classifier.weights_path=null", "data.samples_per_query=2",
+                                      "data.batch_size=3", "method.num_steps=2", "method.budget=2"]),
+    "digits/invariant": ("predict", ["diffusion.path={pipeline}", *INVARIANT_FAST]),
+    # counterfactual solvers (seed 001): entries in tests/methods/test_counterfactual.py
+    **CF_OVERRIDES,
+    # ACE (seed 003): entries and stand-ins in tests/ace/test_experiments_ace.py
+    **ACE_OVERRIDES,
 }
 
 
@@ -72,10 +95,11 @@ def test_every_experiment_has_a_fast_run_entry():
 
 
 @pytest.mark.parametrize("name", sorted(OVERRIDES))
-def test_experiment_composes_and_runs(name, tmp_path, tiny_pipeline_dir, tiny_pipeline3_dir, fidelity_weights_dir):
+def test_experiment_composes_and_runs(name, tmp_path, tiny_pipeline_dir, tiny_pipeline3_dir, fidelity_weights_dir,
+                                     tiny_dit_dir):
     verb, overrides = OVERRIDES[name]
     overrides = [o.format(pipeline=tiny_pipeline_dir, pipeline3=tiny_pipeline3_dir, tmp=tmp_path,
-                          fidelity_weights=fidelity_weights_dir) for o in overrides]
+                          fidelity_weights=fidelity_weights_dir, dit=tiny_dit_dir) for o in overrides]
     cfg = compose_cfg([f"experiment={name}", f"paths.output_dir={tmp_path}/out", "trainer=cpu", *overrides])
     assert cfg.trainer.inference_mode is False
     run(cfg, verb)

@@ -60,3 +60,50 @@ class ImageGrid(Callback):
         for logger in trainer.loggers:
             if hasattr(logger, "log_image"):
                 logger.log_image(key=f"predict/{self.key}", images=[grid])
+
+
+class QueryGrid(Callback):
+    """After predict, rank 0 saves one row per query: the query image, then up to ``per_query`` samples.
+
+    Reads ``samples.npz`` (images, seeds) and each sample's sidecar (``query_index`` and the ``query``
+    image, uint8 CHW) written by ``SampleWriter``; saves ``<output_dir>/<filename>`` and logs it.
+    """
+
+    def __init__(self, output_dir: str, *, max_queries: int = 8, per_query: int = 8, filename: str = "queries.png",
+                 key: str = "queries"):
+        super().__init__()
+        self.output_dir, self.max_queries, self.per_query = Path(output_dir), max_queries, per_query
+        self.filename, self.key = filename, key
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        from equidiff.callbacks.records import read_sample
+
+        npz = self.output_dir / "samples.npz"
+        if not npz.exists():
+            log.warning("QueryGrid: %s not found (is SampleWriter configured with merge=true?)", npz)
+            return
+        with np.load(npz) as z:
+            images, seeds = z["arr_0"], z["arr_2"]
+        if images.ndim != 4:
+            return
+        rows: dict[int, list] = {}
+        for img, seed in zip(images, seeds, strict=True):
+            side = read_sample(self.output_dir / "samples", int(seed))
+            q = int(side["query_index"])
+            if q not in rows and len(rows) >= self.max_queries:
+                continue
+            row = rows.setdefault(q, [side["query"].transpose(1, 2, 0)] if "query" in side else [])
+            if len(row) < self.per_query + 1:
+                row.append(img)
+        if not rows:
+            return
+        width = max(len(r) for r in rows.values())
+        blank = np.full_like(images[0], 255)
+        cells = [c for q in sorted(rows) for c in rows[q] + [blank] * (width - len(rows[q]))]
+        grid = save_grid(np.stack(cells), self.output_dir / self.filename, nrow=width)
+        log.info("query grid (query, then its samples): %s", self.output_dir / self.filename)
+        for logger in trainer.loggers:
+            if hasattr(logger, "log_image"):
+                logger.log_image(key=f"predict/{self.key}", images=[grid])

@@ -53,7 +53,7 @@ class PredictMetrics(Callback):
     def __init__(self, metrics: Mapping[str, MetricSpec], output_dir: str, *, filename: str = "metrics.json",
                  samples_subdir: str = "samples", log_to_loggers: bool = True):
         super().__init__()
-        self.specs = dict(metrics or {})
+        self.specs = {name: spec for name, spec in (metrics or {}).items() if spec is not None}  # null: removed
         self.output_dir = Path(output_dir)
         self.path = self.output_dir / filename
         self.samples_dir = self.output_dir / samples_subdir

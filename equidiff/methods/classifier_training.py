@@ -41,6 +41,8 @@ class ClassifierTraining(L.LightningModule):
         self.val_acc = Accuracy(task="multiclass", num_classes=k)
         self.val_robust_acc = Accuracy(task="multiclass", num_classes=k)
         self.val_loss = MeanMetric()  # metrics, not sync_dist logging: exact with unequal shards under DDP
+        self.test_acc = Accuracy(task="multiclass", num_classes=k)
+        self.test_robust_acc = Accuracy(task="multiclass", num_classes=k)
         self.save_hyperparameters(ignore=["classifier", "optimizer", "lr_scheduler"])
 
     def on_train_epoch_start(self) -> None:
@@ -70,6 +72,14 @@ class ClassifierTraining(L.LightningModule):
         if self.adversarial:
             self.val_robust_acc(self.classifier(self._attack(x, y, random_init=False)), y)
             self.log("val/robust_acc", self.val_robust_acc, prog_bar=True, batch_size=len(y))
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        x, y = batch[self.input_key], batch["label"]
+        self.test_acc(self.classifier(x), y)
+        self.log("test/acc", self.test_acc, batch_size=len(y))
+        if self.adversarial:
+            self.test_robust_acc(self.classifier(self._attack(x, y, random_init=False)), y)
+            self.log("test/robust_acc", self.test_robust_acc, batch_size=len(y))
 
     def configure_optimizers(self):
         opt = self.optimizer_factory(self.classifier.parameters())

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMPipeline
+from diffusers import DDPMPipeline, UNet2DModel
 from diffusers.training_utils import EMAModel
 from torchmetrics import MeanMetric
 
@@ -19,7 +19,8 @@ class DDPMTraining(L.LightningModule):
     """eps-prediction training of a ``UNet2DModel`` with an EMA copy, exported via ``save_pretrained``.
 
     Args:
-        unet: the diffusers UNet to train (built by Hydra).
+        unet: the diffusers model to train (built by Hydra): a ``UNet2DModel`` for images, or any
+            ``ModelMixin`` with ``forward(x_t, t)`` (e.g. ``equidiff.diffusion.toy.PointDenoiser``).
         scheduler: the diffusers noise scheduler (DDPMScheduler) defining q(x_t | x_0).
         optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (a Hydra partial).
         lr_scheduler: optional ``lr_scheduler(optimizer) -> LRScheduler``, stepped every step.
@@ -46,7 +47,8 @@ class DDPMTraining(L.LightningModule):
     def _loss(self, x_0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         # Algorithm 1, line 5: || eps - eps_theta(sqrt(ab_t) x_0 + sqrt(1 - ab_t) eps, t) ||^2
         x_t = self.scheduler.add_noise(x_0, eps, t)
-        return F.mse_loss(self.unet(x_t, t).sample, eps)
+        out = self.unet(x_t, t)
+        return F.mse_loss(getattr(out, "sample", out), eps)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         x_0 = batch[self.image_key]
@@ -89,5 +91,10 @@ class DDPMTraining(L.LightningModule):
         return unet
 
     def save_pretrained(self, path: str) -> None:
-        """Write a ``DDPMPipeline`` folder (model_index.json, unet/, scheduler/) with the EMA weights."""
-        DDPMPipeline(unet=self.ema_unet(), scheduler=self.scheduler).save_pretrained(path)
+        """Write the EMA weights: a ``DDPMPipeline`` folder (model_index.json, unet/, scheduler/) for a UNet,
+        else ``denoiser/`` + ``scheduler/`` (read by ``equidiff.diffusion.toy.load_point_diffusion``)."""
+        if isinstance(self.unet, UNet2DModel):
+            DDPMPipeline(unet=self.ema_unet(), scheduler=self.scheduler).save_pretrained(path)
+        else:
+            self.ema_unet().save_pretrained(f"{path}/denoiser")
+            self.scheduler.save_pretrained(f"{path}/scheduler")

@@ -49,3 +49,25 @@ def fake_cifar10(root: str, *, n_train: int = 20, n_test: int = 6, **kwargs) -> 
         write_fake_cifar10(root, n_train=n_train, n_test=n_test)
     kwargs["val_size"] = min(kwargs.get("val_size", 0), n_train - 1)
     return CIFAR10DataModule(root, **kwargs)
+
+
+def fake_imagenet(root: str, **kwargs):
+    """Stand-in for ``ImageNetDataModule(root, ...)``: writes a fake ImageNet (class folders of JPEGs) unless
+    one is there, and reads it with the real DataModule."""
+    from equidiff.data import ImageNetDataModule
+    from tests.data.fakes import write_fake_imagenet
+
+    if not (Path(root) / "val").is_dir():
+        write_fake_imagenet(root, n_train=1, n_val=2)
+    return ImageNetDataModule(root, **kwargs)
+
+
+def random_point_diffusion(path: str | None = None, dim: int = 2, hidden: int = 16, depth: int = 2):
+    """Stand-in for ``load_point_diffusion(path)``: an untrained point denoiser (seeded) with a DDPM scheduler."""
+    from diffusers import DDPMScheduler
+
+    from equidiff.diffusion.toy import PointBackbone, PointDenoiser
+
+    torch.manual_seed(0)
+    return PointBackbone(PointDenoiser(dim=dim, hidden=hidden, depth=depth, time_embed_dim=8),
+                         DDPMScheduler(num_train_timesteps=1000, clip_sample=False))

@@ -1,0 +1,104 @@
+"""Counterfactuals and sparse attacks on a DataModule's samples (seed 001): any solver, one thin LightningModule.
+
+``predict_step`` reads like the seed's recipe: pick each sample's target y~ by a rule (drawn from the sample's
+own seed where random), solve the inverse-classification problem with the configured solver (S-CFE, GSE,
+PGD, FGSM, CFE-l2, ...), and return a record with the counterfactual and its per-sample metrics.
+
+The record (the p-CFE datasets of the learning-from-counterfactuals issue read it back):
+
+* ``<input_key>``: the counterfactual x', under the data's own key: ``image`` (written as the PNG, so
+  ``samples.npz`` is the perturbed dataset (x', y~)) or ``x`` for tabular data (in the sidecar);
+* ``label`` = ``target`` = y~ (the perturbed dataset's label), ``source_label`` = y, ``index`` (the source
+  item's position in its split), ``seed``;
+* ``pred`` = f(x'), ``source_pred`` = f(x), ``valid`` (f(x') = y~, or f(x') != y untargeted), ``time``
+  (the batch's solver time divided by its size), ``l2``, ``l0`` and for images ``acp``, ``anc``, ``d20``,
+  all computed on the solver's float output;
+* ``counterfactual``: the float x' for images (``keep_float``; the PNG is rounded to uint8), ``input``: the
+  original x (``keep_input``; default for tabular data only, images are in the dataset already).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+from equidiff.attacks.targets import TargetRule
+from equidiff.errors import ConfigError
+from equidiff.methods.common import require_grad_mode
+from equidiff.metrics.counterfactual import ATOL, perturbation_stats
+from equidiff.utils.rng import generators_for
+
+
+def _solver_keywords(solver: Callable) -> dict:
+    return dict(getattr(solver, "keywords", {}) or {})
+
+
+class Counterfactual(L.LightningModule):
+    """``predict_step``: a counterfactual x' of every sample for its target y~ (see the module docstring).
+
+    Args:
+        classifier: the model to explain / attack (inputs as the DataModule gives them).
+        solver: a partial ``solver(classifier, x, target, *, source, box, generators)`` (conf/solver/).
+        targets: the ``TargetRule`` (uniform among the other classes, next, fixed, untargeted).
+        input_key: the batch entry with the inputs ("image" or "x").
+        box: the actionable set (low, high); None: the DataModule's ``box`` if it has one, else (-1, 1).
+        keep_input, keep_float: also record x (``input``) / the float x' (``counterfactual``, images).
+        patch_size, atol: d_{2,0} patch side and the "changed" threshold of the per-sample metrics.
+    """
+
+    def __init__(self, classifier: nn.Module, solver: Callable, targets: TargetRule, *, input_key: str = "image",
+                 box=None, keep_input: bool | None = None, keep_float: bool = True, patch_size: int = 8,
+                 atol: float = ATOL):
+        super().__init__()
+        self.classifier, self.solver, self.targets = classifier.eval(), solver, targets
+        self.input_key, self.box = input_key, box
+        self.keep_input = (input_key != "image") if keep_input is None else keep_input
+        self.keep_float, self.patch_size, self.atol = keep_float, int(patch_size), float(atol)
+        # modules the solver carries (a fitted density) move to the device with this module
+        self.solver_modules = nn.ModuleDict({k: v for k, v in _solver_keywords(solver).items()
+                                             if isinstance(v, nn.Module)})
+        solver_targeted = _solver_keywords(solver).get("targeted", True)
+        if solver_targeted != targets.targeted:
+            raise ConfigError(f"the target rule {targets.rule!r} and the solver (targeted={solver_targeted}) disagree; "
+                              f"use method.targets.rule=untargeted with an untargeted solver (solver.targeted=false) "
+                              f"and a targeted rule otherwise")
+        self.num_classes = getattr(classifier, "num_classes", None) or targets.num_classes
+
+    def on_predict_start(self) -> None:
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if self.box is None:
+            self.box = getattr(dm, "box", None) or (-1.0, 1.0)
+        if self.num_classes is None:
+            self.num_classes = getattr(dm, "num_classes", None)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        require_grad_mode()
+        if self.input_key not in batch:
+            raise ConfigError(f"the batch has no {self.input_key!r} entry (it has {sorted(batch)}); set "
+                              f"method.input_key")
+        x, y, seeds = batch[self.input_key], batch["label"].long(), batch["seed"]
+        gens = generators_for(seeds)
+        target = self.targets(y, gens, num_classes=self.num_classes)  # 1. y~ by the rule (per-sample seed)
+        box = self.box if self.box is not None else (-1.0, 1.0)
+        box = tuple(torch.as_tensor(b, dtype=x.dtype, device=x.device) for b in box)
+        start = time.perf_counter()
+        with torch.enable_grad():  # 2. the inverse-classification problem (S-CFE, GSE, PGD, ...)
+            x_cf = self.solver(self.classifier, x, target, source=y, box=box, generators=gens).detach()
+        elapsed = time.perf_counter() - start
+        with torch.no_grad():
+            pred, source_pred = self.classifier(x_cf).argmax(-1), self.classifier(x).argmax(-1)
+        valid = pred == target if self.targets.targeted else pred != y
+        stats = perturbation_stats(x, x_cf, patch_size=self.patch_size, atol=self.atol)  # 3. per-sample metrics
+        record = {"seed": seeds, "index": batch["index"], "label": target, "target": target, "source_label": y,
+                  "pred": pred, "source_pred": source_pred, "valid": valid.double(),
+                  "time": torch.full((len(x),), elapsed / len(x), dtype=torch.float64), **stats,
+                  self.input_key: x_cf}
+        if self.input_key == "image" and self.keep_float:
+            record["counterfactual"] = x_cf
+        if self.keep_input:
+            record["input"] = x.detach()
+        return record
