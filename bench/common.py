@@ -44,24 +44,29 @@ def measurement_env() -> dict:
     return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024  # kB -> MiB
+
+
 def peak_memory_mib(fn, device: str = "cpu") -> tuple[object, float]:
     """Run ``fn()`` and return (its result, its peak extra memory in MiB): on CUDA ``max_memory_allocated``
-    above what is allocated before; on CPU the peak resident set size above the resident size before (run
-    it in a fresh process started with ``measurement_env()``, as ru_maxrss is a process-lifetime peak)."""
-    import resource
-
+    above what is allocated before; on CPU the peak resident set size (VmHWM) above the resident size before,
+    with the peak first reset to the current size (``/proc/self/clear_refs``), so that what building the
+    models took and freed does not count. Run it in a fresh process started with ``measurement_env()``."""
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-    else:
-        with open("/proc/self/statm") as f:
-            base = int(f.read().split()[1]) * resource.getpagesize() / 2**20
-    out = fn()
-    if device == "cuda":
+        out = fn()
         torch.cuda.synchronize()
         return out, (torch.cuda.max_memory_allocated() - base) / 2**20
-    return out, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base  # KiB -> MiB on Linux
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    base = _status_mib("VmRSS")
+    out = fn()
+    return out, _status_mib("VmHWM") - base
 
 
 def median(xs):

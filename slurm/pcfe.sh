@@ -25,6 +25,7 @@ step equidiff fit experiment="pcfe/${DATASET}_erm" "${DDP[@]}" \
 step equidiff predict experiment="pcfe/${DATASET}_generate_${SOLVER}" "${DDP[@]}" "$@"
 step equidiff fit experiment="pcfe/${DATASET}_retrain_${SOLVER}" "${DDP[@]}" \
   $(resume "outputs/pcfe_${DATASET}_retrain_${SOLVER}/checkpoints/last.ckpt") "$@"
-# test on one process: the test loop's DistributedSampler would pad (repeat) samples under DDP
-srun --ntasks=1 equidiff test experiment="pcfe/${DATASET}_retrain_${SOLVER}" trainer=gpu "$@" &
-wait $!
+# test the retrained model (its last epoch: no model selection on group labels) on the clean test set;
+# exact under DDP (each rank tests its own shard, the group metrics are sum-reduced)
+step equidiff test experiment="pcfe/${DATASET}_retrain_${SOLVER}" "${DDP[@]}" \
+  ckpt_path="outputs/pcfe_${DATASET}_retrain_${SOLVER}/checkpoints/last.ckpt" "$@"

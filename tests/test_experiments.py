@@ -13,6 +13,7 @@ from equidiff.cli import experiments, run
 from tests.ace.test_experiments_ace import OVERRIDES as ACE_OVERRIDES
 from tests.helpers import compose_cfg
 from tests.methods.test_counterfactual import OVERRIDES as CF_OVERRIDES
+from tests.pcfe.test_pcfe import OVERRIDES as PCFE_OVERRIDES
 
 STANDIN_CLASSIFIER = "tests.analysis.standins.tiny_robustness_classifier"
 CIFAR_STANDINS = ["paths.data_dir={tmp}/data", "paths.weights_dir={tmp}/weights", "data.num_workers=0",
@@ -84,6 +85,8 @@ OVERRIDES = {
     "digits/invariant": ("predict", ["diffusion.path={pipeline}", *INVARIANT_FAST]),
     # counterfactual solvers (seed 001): entries in tests/methods/test_counterfactual.py
     **CF_OVERRIDES,
+    # learning from p-CFEs (seed 001): entries in tests/pcfe/test_pcfe.py
+    **PCFE_OVERRIDES,
     # ACE (seed 003): entries and stand-ins in tests/ace/test_experiments_ace.py
     **ACE_OVERRIDES,
 }

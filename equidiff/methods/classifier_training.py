@@ -35,15 +35,16 @@ class ClassifierTraining(L.LightningModule):
         self.classifier = classifier
         self.classifier.net.requires_grad_(True)
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        self.adversarial = dict(adversarial) if adversarial else None
-        self.input_key, self.export = input_key, dict(export or {})
+        # plain containers (Hydra passes DictConfigs): checkpoints must load with weights_only=True
+        self.adversarial = _plain(adversarial) if adversarial else None
+        self.input_key, self.export = input_key, _plain(export or {})
         k = classifier.num_classes
         self.val_acc = Accuracy(task="multiclass", num_classes=k)
         self.val_robust_acc = Accuracy(task="multiclass", num_classes=k)
         self.val_loss = MeanMetric()  # metrics, not sync_dist logging: exact with unequal shards under DDP
         self.test_acc = Accuracy(task="multiclass", num_classes=k)
         self.test_robust_acc = Accuracy(task="multiclass", num_classes=k)
-        self.save_hyperparameters(ignore=["classifier", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters({"adversarial": self.adversarial, "input_key": input_key, "export": self.export})
 
     def on_train_epoch_start(self) -> None:
         self.classifier.train()  # the Classifier wrapper is built in eval mode; train BatchNorm/dropout here
@@ -95,3 +96,10 @@ class ClassifierTraining(L.LightningModule):
         save_file(state, str(path / "model.safetensors"))
         meta = {"num_classes": self.classifier.num_classes, "adversarial": self.adversarial, **self.export}
         (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def _plain(mapping: Mapping) -> dict:
+    """A (possibly nested) Hydra DictConfig or mapping as plain Python containers."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(mapping, resolve=True) if isinstance(mapping, DictConfig) else dict(mapping)
