@@ -46,20 +46,12 @@ class ImageGrid(Callback):
     def on_predict_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        npz = self.output_dir / "samples.npz"
-        if not npz.exists():
-            log.warning("ImageGrid: %s not found (is SampleWriter configured with merge=true?)", npz)
-            return
-        with np.load(npz) as z:
-            images = z["arr_0"][: self.max_images]
-        if images.ndim != 4:
+        merged = _merged_images(self.output_dir, "ImageGrid")
+        if merged is None:
             return
         path = self.output_dir / self.filename
-        grid = save_grid(images, path, nrow=self.nrow)
-        log.info("image grid: %s", path)
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key=f"predict/{self.key}", images=[grid])
+        _save_and_log(trainer, save_grid(merged[0][: self.max_images], path, nrow=self.nrow), path, self.key,
+                      "image grid")
 
 
 class QueryGrid(Callback):
@@ -80,14 +72,10 @@ class QueryGrid(Callback):
             return
         from equidiff.callbacks.records import read_sample
 
-        npz = self.output_dir / "samples.npz"
-        if not npz.exists():
-            log.warning("QueryGrid: %s not found (is SampleWriter configured with merge=true?)", npz)
+        merged = _merged_images(self.output_dir, "QueryGrid")
+        if merged is None:
             return
-        with np.load(npz) as z:
-            images, seeds = z["arr_0"], z["arr_2"]
-        if images.ndim != 4:
-            return
+        images, seeds = merged
         rows: dict[int, list] = {}
         for img, seed in zip(images, seeds, strict=True):
             side = read_sample(self.output_dir / "samples", int(seed))
@@ -102,8 +90,25 @@ class QueryGrid(Callback):
         width = max(len(r) for r in rows.values())
         blank = np.full_like(images[0], 255)
         cells = [c for q in sorted(rows) for c in rows[q] + [blank] * (width - len(rows[q]))]
-        grid = save_grid(np.stack(cells), self.output_dir / self.filename, nrow=width)
-        log.info("query grid (query, then its samples): %s", self.output_dir / self.filename)
-        for logger in trainer.loggers:
-            if hasattr(logger, "log_image"):
-                logger.log_image(key=f"predict/{self.key}", images=[grid])
+        path = self.output_dir / self.filename
+        _save_and_log(trainer, save_grid(np.stack(cells), path, nrow=width), path, self.key,
+                      "query grid (query, then its samples)")
+
+
+def _merged_images(output_dir: Path, who: str):
+    """(images NHWC uint8, seeds) from the merged ``samples.npz``, or None (no file, or records without images)."""
+    npz = output_dir / "samples.npz"
+    if not npz.exists():
+        log.warning("%s: %s not found (is SampleWriter configured with merge=true?)", who, npz)
+        return None
+    with np.load(npz) as z:
+        if z["arr_0"].ndim != 4:
+            return None
+        return z["arr_0"], z["arr_2"]
+
+
+def _save_and_log(trainer, grid, path: Path, key: str, what: str) -> None:
+    log.info("%s: %s", what, path)
+    for logger in trainer.loggers:
+        if hasattr(logger, "log_image"):
+            logger.log_image(key=f"predict/{key}", images=[grid])

@@ -193,6 +193,15 @@ def _torchvision_arch(name: str, num_classes: int, **kwargs) -> nn.Module:
                           f"{names}") from e
 
 
+def load_weights(net: nn.Module, weights_path, strip_prefix: str | None, what: str, how_to_get: str) -> None:
+    """Load a state dict, Lightning checkpoint or ``.safetensors`` file into ``net`` (safely, strictly), with
+    the key prefix detected (``strip_prefix=None``) or given; a missing file is an error saying ``how_to_get``."""
+    path = _require_file(weights_path, how_to_get)
+    state = checkpoint_state_dict(safe_torch_load(path), str(path))
+    prefix = _detect_prefix(state, list(net.state_dict())) if strip_prefix is None else strip_prefix
+    _load_strict(net, _strip(state, prefix), path, what)
+
+
 def load_torchvision(name: str, *, weights_path: str | os.PathLike | None = None, num_classes: int = 1000,
                      image_size=224, strip_prefix: str | None = None, net_kwargs: dict | None = None,
                      **wrapper_kwargs) -> Classifier:
@@ -212,14 +221,10 @@ def load_torchvision(name: str, *, weights_path: str | os.PathLike | None = None
     """
     net = _torchvision_arch(name, num_classes, **(net_kwargs or {}))
     if weights_path is not None:
-        path = _require_file(weights_path, (
+        load_weights(net, weights_path, strip_prefix, f"torchvision {name} with {num_classes} classes", (
             f"On a machine with internet, list the official weights with "
             f"torchvision.models.get_model_weights({name!r}) (each member's .url), download the .pth file "
             f"and copy it here."))
-        state = checkpoint_state_dict(safe_torch_load(path), str(path))
-        expected = list(net.state_dict())
-        prefix = _detect_prefix(state, expected) if strip_prefix is None else strip_prefix
-        _load_strict(net, _strip(state, prefix), path, f"torchvision {name} with {num_classes} classes")
     return _wrap(net, {"input_range": (0.0, 1.0), "mean": IMAGENET_MEAN, "std": IMAGENET_STD, "channels": 3,
                        "image_size": image_size, "num_classes": num_classes}, wrapper_kwargs)
 
@@ -238,11 +243,9 @@ def load_small_net(kind: str = "cnn", weights_path: str | os.PathLike | None = N
         raise ConfigError(f"unknown small net kind {kind!r}; choose one of {list(nets)}")
     net = nets[kind](**net_kwargs)
     if weights_path is not None:
-        path = _require_file(weights_path, "Train it first (the small nets are trained in-package on the "
-                                           "embedded data) and point weights_path at the checkpoint.")
-        state = checkpoint_state_dict(safe_torch_load(path), str(path))
-        prefix = _detect_prefix(state, list(net.state_dict())) if strip_prefix is None else strip_prefix
-        _load_strict(net, _strip(state, prefix), path, f"{type(net).__name__}({net_kwargs})")
+        load_weights(net, weights_path, strip_prefix, f"{type(net).__name__}({net_kwargs})",
+                     "Train it first (the small nets are trained in-package on the embedded data) and point "
+                     "weights_path at the checkpoint.")
     channels = net.features[0].in_channels if kind == "cnn" else None
     num_classes = (net.head if kind == "cnn" else net.layers[-1]).out_features
     return Classifier(net, input_range=(-1.0, 1.0), channels=channels, image_size=image_size,

@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from equidiff.classifiers.loaders import _detect_prefix, _load_strict, _require_file, _strip, checkpoint_state_dict
-from equidiff.classifiers.safe_load import safe_torch_load
+from equidiff.classifiers.loaders import load_weights
 from equidiff.classifiers.wrapper import Classifier
 
 
@@ -86,11 +85,9 @@ def load_resnet20(weights_path: str | os.PathLike | None = None, *, num_classes:
     checkpoint or ``model.safetensors`` written by ``ClassifierTraining.save_pretrained`` (None: random init)."""
     net = resnet20(num_classes)
     if weights_path is not None:
-        path = _require_file(weights_path, "Train it with `equidiff fit experiment=counterfactual/cifar10_resnet20` "
-                                           "or copy a ResNet-20 state dict (GSE's / akamaster's layout) here.")
-        state = checkpoint_state_dict(safe_torch_load(path), str(path))
-        prefix = _detect_prefix(state, list(net.state_dict())) if strip_prefix is None else strip_prefix
-        _load_strict(net, _strip(state, prefix), path, f"ResNet-20 with {num_classes} classes")
+        load_weights(net, weights_path, strip_prefix, f"ResNet-20 with {num_classes} classes",
+                     "Train it with `equidiff fit experiment=counterfactual/cifar10_resnet20` or copy a ResNet-20 "
+                     "state dict (GSE's / akamaster's layout) here.")
     kwargs = {"input_range": tuple(input_range), "mean": mean, "std": std, "channels": 3, "image_size": 32,
               "num_classes": num_classes, **wrapper_kwargs}
     return Classifier(net, **kwargs)
