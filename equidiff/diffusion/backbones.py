@@ -74,7 +74,9 @@ class DiffusionBackbone(nn.Module):
 
 
 class UNetBackbone(DiffusionBackbone):
-    """Pixel-space ``UNet2DModel`` (e.g. google/ddpm-cifar10-32) + its scheduler."""
+    """Pixel-space ``UNet2DModel`` (e.g. google/ddpm-cifar10-32, or a converted guided-diffusion model,
+    ``equidiff.diffusion.adm``) + its scheduler. A UNet with twice the input's channels predicts a learned
+    variance after eps; only eps is used."""
 
     def __init__(self, unet, scheduler):
         super().__init__(scheduler)
@@ -89,6 +91,8 @@ class UNetBackbone(DiffusionBackbone):
 
     def forward(self, x_t: torch.Tensor, t, **cond) -> torch.Tensor:
         out = self.unet(x_t, t, **cond).sample
+        if out.shape[1] == 2 * x_t.shape[1]:  # learned variance (guided-diffusion's learn_sigma): eps comes first
+            out = out[:, : x_t.shape[1]]
         return _to_eps(out, x_t, t, self.scheduler.alphas_cumprod, self.prediction_type)
 
 
@@ -206,6 +210,17 @@ def _subfolders(path: str, is_local: bool, component: str) -> tuple[str | None, 
     return component, "scheduler"  # hub ids: pipeline layout (google/ddpm-*, facebook/DiT-*)
 
 
+def _unet_class(path: str, sub: str | None, is_local: bool, default):
+    """``ADMUNet2DModel`` for a converted guided-diffusion folder (its config's ``_class_name``), else ``default``."""
+    if is_local:
+        config = Path(path) / (sub or "") / "config.json"
+        if config.exists() and json.loads(config.read_text()).get("_class_name") == "ADMUNet2DModel":
+            from equidiff.diffusion.adm import ADMUNet2DModel
+
+            return ADMUNet2DModel
+    return default
+
+
 def load_unet(path: str, *, scheduler=None, dtype: str | None = None) -> UNetBackbone:
     """Load a pixel UNet2DModel + scheduler from a pipeline folder / hub id (DDPMPipeline layout).
 
@@ -217,7 +232,7 @@ def load_unet(path: str, *, scheduler=None, dtype: str | None = None) -> UNetBac
     path, is_local = _resolve(path)
     sub, sched_sub = _subfolders(path, is_local, "unet")
     kw = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
-    unet = _from_pretrained(UNet2DModel, path, is_local, subfolder=sub, **kw)
+    unet = _from_pretrained(_unet_class(path, sub, is_local, UNet2DModel), path, is_local, subfolder=sub, **kw)
     if scheduler is None:
         if sched_sub is None:
             raise ConfigError(f"{path!r} holds a bare UNet without a scheduler; set diffusion.scheduler "

@@ -71,3 +71,28 @@ def test_ace_experiment_runs_offline_with_stand_ins(name, tmp_path, tiny_pipelin
         assert {"mnac/mnac", "fva/fva", "fid/fid", "fid/sfid", "cout/cout"} <= set(metrics)
     row = np.load(sorted((out / "samples").glob("*.npz"))[0])
     assert {"input_uint8", "pre_explanation_uint8", "mask", "success", "target", "source"} <= set(row.files)
+
+
+def test_ace_runs_on_a_converted_guided_diffusion_checkpoint(tmp_path, tiny_pipeline_dir, tiny_pipeline3_dir):
+    """The path the paper's runs take: a guided-diffusion (ADM) state dict with learned sigma and a fixed head
+    count (DiME's CelebA layout, scaled down), converted once, then ACE on CelebA through the converted folder."""
+    from dataclasses import replace
+
+    import torch
+
+    from equidiff.diffusion.adm import main as convert
+    from tests.diffusion.test_adm import TINY, reference_unet
+
+    flags = replace(TINY, image_size=32, diffusion_steps=500, attention_resolutions="16,8")
+    torch.save(reference_unet(flags).state_dict(), tmp_path / "celeba_ddpm.pt")
+    assert convert([str(tmp_path / "celeba_ddpm.pt"), str(tmp_path / "celeba_ddpm"), "--preset", "celeba_dime",
+                    "--image-size", "32", "--num-channels", "32", "--num-res-blocks", "1", "--channel-mult", "1,2,3",
+                    "--attention-resolutions", "16,8", "--num-heads", "2"]) == 0
+    _, overrides = OVERRIDES["ace/celeba_smile"]
+    overrides = [o.format(pipeline=tiny_pipeline_dir, pipeline3=tiny_pipeline3_dir, tmp=tmp_path) for o in overrides]
+    cfg = compose_cfg(["experiment=ace/celeba_smile", f"paths.output_dir={tmp_path}/out", "trainer=cpu", *overrides,
+                       f"diffusion.path={tmp_path}/celeba_ddpm"])
+    run(cfg, "predict")
+    with np.load(tmp_path / "out" / "samples.npz") as z:
+        assert z["arr_0"].shape[1:] == (32, 32, 3) and len(z["arr_2"]) >= 2
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["flip_rate/n"] >= 2
