@@ -11,7 +11,7 @@ import torch
 from equidiff.cli import run
 from equidiff.data.perturbed import PerturbedDataModule, check_perturbed, read_perturbed
 from equidiff.data.spurious_digits import SpuriousDigitsDataModule
-from equidiff.errors import DataLayoutError
+from equidiff.errors import ConfigError, DataLayoutError
 from tests.helpers import compose_cfg, run_cli
 
 N = 48
@@ -109,3 +109,38 @@ def test_spurious_digits_groups_and_agreement():
     assert torch.equal(train["label"], (train["digit"] >= 5).long())
     assert sum(dm.train_group_counts()) == len(train["label"]) and len(dm.train_group_counts()) == 4
     assert train["image"].shape[1:] == (3, 8, 8) and train["image"].min() >= -1 and train["image"].max() <= 1
+
+
+def test_spurious_digits_colour_strength_scales_the_background_difference():
+    from equidiff.data.spurious_digits import BACKGROUNDS
+
+    for strength in (1.0, 0.1):
+        a = SpuriousDigitsDataModule(colour_strength=strength).arrays("test")
+        background = a["ink"][:, 0] == 0  # no ink: the pixel shows the background colour
+        for c in (0, 1):
+            pixels = ((a["image"] + 1) / 2).permute(0, 2, 3, 1)[(a["colour"] == c)[:, None, None] & background]
+            mean = torch.tensor(BACKGROUNDS).mean(0)
+            want = mean + strength * (torch.tensor(BACKGROUNDS[c]) - mean)
+            assert torch.allclose(pixels, want.expand_as(pixels), atol=1e-6)
+    with pytest.raises(ConfigError, match="colour_strength"):
+        SpuriousDigitsDataModule(colour_strength=0.0)
+
+
+def test_perturbation_anatomy_reads_a_repainted_background_and_an_ink_edit():
+    from equidiff.data.spurious_digits import colour_digits, perturbation_anatomy, spurious_digits_arrays
+
+    src = {k: v[:40] for k, v in spurious_digits_arrays("train").items()}
+    targets = 1 - src["label"]
+    # repaint every background with the other colour: the shift is the whole gap; inked pixels change only
+    # where the ink is partial (the background shows through)
+    other = colour_digits(src["ink"] * 2 - 1, 1 - src["colour"])
+    a = perturbation_anatomy(other, targets, src)
+    agrees = (src["colour"] == src["label"]).float().mean().item()  # those move toward y~'s colour, the rest away
+    assert a["colour_shift"] == pytest.approx(agrees - (1 - agrees), abs=1e-5)
+    assert a["ink_change"] < 0.5 * a["background_change"]
+    # brighten the ink only: no colour shift, no background change
+    inked = src["image"] + 0.1 * (src["ink"] > 0)
+    b = perturbation_anatomy(inked.clamp(-1, 1), targets, src)
+    assert b["colour_shift"] == pytest.approx(0, abs=1e-6) and b["background_change"] == 0
+    with pytest.raises(ConfigError, match="do not match"):
+        perturbation_anatomy(inked[:5], targets, src)
