@@ -139,12 +139,31 @@ def build(cfg):
     for key in ("method", "data", "trainer"):
         if cfg.get(key) is None:
             raise ConfigError(f"no {key} configured: pick an experiment (experiment=digits/sample) or set {key}=...")
-    datamodule = instantiate(cfg.data)
-    model = instantiate(cfg.method)
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    datamodule = _instantiate(instantiate, cfg.data)
+    model = _instantiate(instantiate, cfg.method)
+    callbacks = [_instantiate(instantiate, c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers = [_instantiate(instantiate, c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    trainer = _instantiate(instantiate, cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, model, trainer
+
+
+def _instantiate(instantiate, node, **kwargs):
+    """Hydra's instantiate, with a ConfigError raised while building an object passed on as it is: Hydra wraps
+    it in an InstantiationException ("Error in call to target ..."), which would hide the message that says
+    what to do."""
+    from hydra.errors import InstantiationException
+
+    from equidiff.errors import ConfigError
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        cause = e.__cause__
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ if isinstance(cause, InstantiationException) else None
+        if cause is not None:
+            raise cause from None
+        raise
 
 
 def run(cfg, verb: str):

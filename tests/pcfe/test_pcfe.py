@@ -10,6 +10,7 @@ from equidiff.cli import experiments, run
 from equidiff.errors import ConfigError
 from tests.helpers import compose_cfg
 from tests.pcfe.chain import SOLVERS, run_chain, table
+from tests.pcfe.test_gradcam import OVERRIDES as GRADCAM_OVERRIDES
 
 GENERATE = ["classifier.weights_path=null", "data.max_items=8", "data.batch_size=8"]
 FAST_SOLVER = {"pgd_l2": ["solver.steps=2"], "pgd_linf": ["solver.steps=2"],
@@ -42,6 +43,7 @@ OVERRIDES = {
     **{f"digits/pcfe_retrain_{s}": ("fit", RETRAIN) for s in SOLVERS},
     **{f"pcfe/{ds}_erm": _big(ds, "erm") for ds in BIG},
     **{f"pcfe/{ds}_{step}_{s}": _big(ds, step, s) for ds in BIG for step in ("generate", "retrain") for s in SOLVERS},
+    **GRADCAM_OVERRIDES,
 }
 
 
