@@ -3,8 +3,10 @@
 p-CFE-l0 (S-CFE with the l0 penalty, beta 0.05, and the class-conditional KDE plausibility term, tau 0.3: the
 settings of ``conf/experiment/digits/pcfe_generate_pcfe_l0.yaml``, 200 iterations x 10 gamma steps) of ``n``
 coloured training digits (3x8x8) toward y~ = 1 - y, against a SmallCNN trained here by ERM for 5 epochs on the
-training split (seeded): counterfactuals per second for one batch against a per-sample loop of the same code.
-Target: >= 10x. The solver keeps a gamma, bracket and stopping rule per sample, so both compute the same thing.
+training split (seeded): counterfactuals per second for one batch of ``n`` (128, the generation experiments'
+``data.batch_size``) against a per-sample loop of the same code over the first ``loop_n`` of them (a per-sample
+loop's cost per sample does not depend on how many it runs; 16 keep the benchmark near a minute). Target: >= 10x.
+The solver keeps a gamma and bisection bracket per sample, so both compute the same thing.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def _erm_source_model(x: torch.Tensor, y: torch.Tensor, device: str, epochs: int
     return clf.eval().requires_grad_(False)
 
 
-def run(device: str = "cpu", n: int = 32) -> dict:
+def run(device: str = "cpu", n: int = 128, loop_n: int = 16) -> dict:
     from equidiff.attacks.density import KDEDensity
     from equidiff.attacks.scfe import scfe
     from equidiff.data.spurious_digits import spurious_digits_arrays
@@ -50,14 +52,15 @@ def run(device: str = "cpu", n: int = 32) -> dict:
         scfe(clf, x, target, source=y, **settings)
 
     def loop():
-        for i in range(n):
+        for i in range(loop_n):
             scfe(clf, x[i:i + 1], target[i:i + 1], source=y[i:i + 1], **settings)
 
     t_batch, t_loop = timed(batched, device), timed(loop, device)
-    ratio = t_loop / t_batch
-    return {"device": device, "torch_threads": torch.get_num_threads(), "n": n, "batched_cf_per_s": n / t_batch,
-            "loop_cf_per_s": n / t_loop, "ratio": ratio, "target": ">= 10", "pass": ratio >= 10,
-            "wall_s": time.perf_counter() - start}
+    batched_rate, loop_rate = n / t_batch, loop_n / t_loop
+    ratio = batched_rate / loop_rate
+    return {"device": device, "torch_threads": torch.get_num_threads(), "n": n, "loop_n": loop_n,
+            "batched_cf_per_s": batched_rate, "loop_cf_per_s": loop_rate, "ratio": ratio, "target": ">= 10",
+            "pass": ratio >= 10, "wall_s": time.perf_counter() - start}
 
 
 def passed(result: dict) -> bool:
@@ -66,8 +69,9 @@ def passed(result: dict) -> bool:
 
 def rows(result: dict) -> list[str]:
     r = result
-    return [f"| p-CFE-l0 generation on the coloured digits (KDE, l0, 3x8x8, {r['n']} samples), counterfactuals/s | "
-            f"{r['batched_cf_per_s']:.2f} | {r['loop_cf_per_s']:.2f} (per-sample loop) | {r['ratio']:.1f} | "
+    return [f"| p-CFE-l0 generation on the coloured digits (KDE, l0, 3x8x8, a batch of {r['n']}), counterfactuals/s | "
+            f"{r['batched_cf_per_s']:.2f} | {r['loop_cf_per_s']:.2f} (per-sample loop, {r.get('loop_n', r['n'])} "
+            f"samples) | {r['ratio']:.1f} | "
             f"{r['target']} | {'yes' if r['pass'] else 'NO'} |"]
 
 
