@@ -383,6 +383,15 @@ def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path, flags: AD
 # ----------------------------------------------------------------------------- command line
 
 
+def _bool(text: str) -> bool:
+    """guided-diffusion's boolean flags (True/False); anything else is an error, not a silent False."""
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m equidiff.diffusion.adm",
@@ -396,7 +405,7 @@ def _parser() -> argparse.ArgumentParser:
     for f in fields(ADMFlags):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
-            p.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=None, metavar="BOOL")
+            p.add_argument(flag, type=_bool, default=None, metavar="BOOL")
         else:
             p.add_argument(flag, type=int if f.type in (int, "int") else str, default=None)
     return p

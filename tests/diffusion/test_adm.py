@@ -143,6 +143,8 @@ def test_mismatched_flags_and_unsafe_files_are_clear_errors(tmp_path):
         unet_config(replace(TINY, num_heads=5))
     with pytest.raises(ConfigError, match="channel_mult"):
         unet_config(replace(TINY, image_size=48, channel_mult=""))
+    with pytest.raises(SystemExit):  # a misspelt boolean flag is refused, not read as False
+        main([str(tmp_path / "x.pt"), str(tmp_path / "out"), "--learn-sigma", "ture"])
     # a checkpoint that carries a pickled callable is refused, and nothing is written
     bad = tmp_path / "bad.pt"
     torch.save({"state_dict": ref.state_dict(), "hook": print}, bad)
