@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from equidiff.errors import ConfigError
-from equidiff.guidance.schedules import Standard, progress
+from equidiff.guidance.schedules import Standard, before
 
 INPUTS = ("x_t", "x0_hat", "x0_hat_detached")
 
@@ -116,7 +116,7 @@ class ClassifierGuidance(nn.Module):
         T = scheduler.config.num_train_timesteps
 
         def guided(x_t: torch.Tensor, t) -> torch.Tensor:
-            if self.scale == 0 or progress(t, T) < self.start_fraction:
+            if self.scale == 0 or before(t, T, self.start_fraction):
                 return model_fn(x_t, t)
             ab = alphas_cumprod[int(t)].to(x_t.device, x_t.dtype)
             w = self.schedule(t, ab, T)

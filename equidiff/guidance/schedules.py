@@ -29,6 +29,15 @@ def progress(t, T: int) -> float:
     return 1.0 - _f(t) / T
 
 
+def before(t, T: int, fraction: float) -> bool:
+    """Whether timestep t lies in the first ``fraction`` of the reverse process (progress < fraction).
+
+    Compared on timesteps, t > (1 - fraction) T, with a tolerance of 1e-6 timesteps: in floating point
+    1 - 800/1000 < 0.2, so a plain ``progress(t, T) < fraction`` would leave t = 800 out of the 20% mark.
+    """
+    return _f(t) > (1.0 - fraction) * T + 1e-6
+
+
 class Constant:
     """w(t) = value."""
 
@@ -92,7 +101,7 @@ class TwoStage:
         self.first, self.second, self.fraction = float(first), float(second), float(fraction)
 
     def __call__(self, t, alpha_bar_t, T: int) -> float:
-        return self.first if progress(t, T) < self.fraction else self.second
+        return self.first if before(t, T, self.fraction) else self.second
 
 
 class Linear:

@@ -183,7 +183,9 @@ def test_a_samples_guidance_does_not_depend_on_its_batch_mates(tiny_unet, ddpm_s
     batch = _guided_samples(tiny_unet, ddpm_scheduler, seeds, labels, 5.0)
     alone = torch.cat([_guided_samples(tiny_unet, ddpm_scheduler, [s], [y], 5.0)
                        for s, y in zip(seeds, labels, strict=True)])
-    torch.testing.assert_close(batch, alone, atol=1e-5, rtol=0)
+    # float32 convolutions sum in a batch-dependent order (about 1e-5 here with one thread); a guidance
+    # that mixed batch-mates (a norm over the batch) changes samples by O(0.1)
+    torch.testing.assert_close(batch, alone, atol=1e-4, rtol=0)
 
 
 def test_labels_outside_the_classifier_are_refused(ddpm_scheduler):
@@ -262,3 +264,38 @@ def test_guidance_with_ddpm_ancestral_sampling(tiny_unet, ddpm_scheduler):
     with torch.no_grad():
         lp = lambda x: log_p_y_given_x(clf(x), batch["label"]).mean()  # noqa: E731
         assert lp(guided) > lp(unguided)
+
+
+def test_x0_hat_is_the_tweedie_estimate_on_a_nonlinear_classifier(ddpm_scheduler):
+    # x0_hat = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) (DDPM eq. 15). A classifier whose
+    # gradient depends on where it is evaluated (tanh features, then NLL) makes the direction taken at
+    # x0_hat differ from one taken at any other point (a linear classifier would hide a wrong x0_hat).
+    torch.manual_seed(0)
+    clf = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, K)).double()
+    clf.num_classes = K
+    x_t, y, t = _x(2, seed=5), torch.tensor([0, 3]), torch.tensor(300)
+    ab = ddpm_scheduler.alphas_cumprod[300].double()
+    eps_theta = 0.7 * x_t + 0.1  # a stand-in denoiser with a closed-form Jacobian (0.7 I)
+    model_fn = lambda x, t: 0.7 * x + 0.1  # noqa: E731
+    x0_hat = (x_t - (1 - ab).sqrt() * eps_theta) / ab.sqrt()
+    g = _direction(NegLogLikelihood(clf), x0_hat, y).reshape(x_t.shape)
+    detached = ClassifierGuidance(NegLogLikelihood(clf), scale=2.0, input="x0_hat_detached")
+    torch.testing.assert_close(detached(model_fn, {"label": y}, ddpm_scheduler)(x_t, t),
+                               eps_theta - 2.0 * (1 - ab).sqrt() * g)
+    # through the denoiser: d x0_hat / d x_t = (1 - 0.7 sqrt(1 - alpha_bar)) / sqrt(alpha_bar) (a scalar here)
+    jac = (1 - 0.7 * (1 - ab).sqrt()) / ab.sqrt()
+    through = ClassifierGuidance(NegLogLikelihood(clf), scale=2.0, input="x0_hat")
+    torch.testing.assert_close(through(model_fn, {"label": y}, ddpm_scheduler)(x_t, t),
+                               eps_theta - 2.0 * (1 - ab).sqrt() * jac * g)
+
+
+@pytest.mark.parametrize("start", [0.2, 0.5])
+def test_guidance_switches_on_exactly_at_the_start_fraction(ddpm_scheduler, start):
+    # progress p = 1 - t / T (T = 1000): guidance is off while p < start, on from p = start on.
+    clf, x, y = LinearClassifier(), _x(2), torch.tensor([0, 1])
+    eps_theta = torch.randn_like(x)
+    model_fn = lambda x_t, t: eps_theta  # noqa: E731
+    guided = ClassifierGuidance(NegLogLikelihood(clf), start_fraction=start)(model_fn, {"label": y}, ddpm_scheduler)
+    first_on = round(1000 * (1 - start))  # the largest t with 1 - t/T >= start
+    assert torch.equal(guided(x, torch.tensor(first_on + 1)), eps_theta)
+    assert not torch.equal(guided(x, torch.tensor(first_on)), eps_theta)

@@ -213,3 +213,45 @@ def test_converged_flags_hold_for_the_stored_images(backbone, cnn):
         rec = m.predict_step(query_batch([0, 1, 2, 3]), 0)
     assert rec["converged"].any()
     assert ((rec["loss"] < 0.5) == rec["converged"].bool()).all()
+
+
+def test_invariance_loss_is_lambda_times_both_distances_to_the_target():
+    # Algorithm 1, lines 18-20, written out by hand on numbers where every term differs:
+    # lambda * (||L(x) - t||^2 + ||L(F(x)) - t||^2); L(F(x)) is compared with the target t, not with L(x).
+    from equidiff.invariant.algorithm import invariance_loss
+
+    values = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    filtered = torch.tensor([[3.0, 0.0], [2.0, 2.0]])
+    target = torch.tensor([[0.0, 1.0], [1.0, 1.0]])
+    # sample 0: (1 + 1) + (9 + 1) = 12; sample 1: (1 + 4) + (1 + 1) = 7; lambda = 2.5
+    torch.testing.assert_close(invariance_loss(values, filtered, target, 2.5), torch.tensor([30.0, 17.5]))
+    torch.testing.assert_close(invariance_loss(values, None, target, 2.5), torch.tensor([5.0, 12.5]))
+
+
+def test_one_sgd_step_of_algorithm_1_scales_with_lambda():
+    # generate = identity, L(x) = W x, no filter: loss = lam ||W z - t||^2, so plain SGD moves
+    # z_1 = z_0 - lr * lam * 2 W^T (W z_0 - t) (lines 24-25), derived by hand.
+    g = torch.Generator().manual_seed(4)
+    W, z0, t = torch.randn(2, 3, generator=g), torch.randn(1, 3, generator=g), torch.randn(1, 2, generator=g)
+    objective = torch.nn.Linear(3, 2, bias=False)
+    objective.weight.data.copy_(W)
+    objective.requires_grad_(False)
+    seen = []
+    lr, lam = 0.01, 3.0
+    invariant_optimize(lambda z, active: z, objective, z0, t, optimizer=functools.partial(torch.optim.SGD, lr=lr),
+                       budget=2, tau=0.0, lam=lam, callback=lambda step, active, loss: seen.append(loss))
+    z1 = z0 - lr * lam * 2 * (z0 @ W.T - t) @ W
+    torch.testing.assert_close(seen[0], lam * ((z0 @ W.T - t) ** 2).sum(-1))
+    torch.testing.assert_close(seen[1], lam * ((z1 @ W.T - t) ** 2).sum(-1))
+
+
+def test_the_filtered_term_pulls_the_low_pass_image_towards_the_target():
+    # With a filter F(x) = x / 2 and L = identity, the loss is lam (||x - t||^2 + ||x/2 - t||^2),
+    # minimised at x = 6 t / 5 (d/dx: 2(x - t) + (x/2 - t) = 0); comparing L(F(x)) with L(x)
+    # instead would move the minimum to x = t.
+    t = torch.tensor([[1.0, -2.0]])
+    objective = torch.nn.Identity()
+    out = invariant_optimize(lambda z, active: z, objective, torch.zeros(1, 2), t,
+                             optimizer=functools.partial(torch.optim.SGD, lr=0.1), budget=400, tau=0.0, lam=2.0,
+                             low_pass=lambda x: x / 2)
+    torch.testing.assert_close(out["x"], 1.2 * t, atol=1e-3, rtol=0)  # float32 near a flat minimum

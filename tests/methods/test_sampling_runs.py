@@ -41,8 +41,7 @@ def test_outputs_of_a_predict_run(reference):
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"precision_recall/precision", "judge/mean_confidence", "judge/classes_covered"} <= set(metrics)
     assert (out / "grid.png").exists() and (out / "csv" / "metrics.csv").exists()
-    assert len(set(ref["images"].reshape(N, -1).tobytes() for _ in [0])) == 1
-    assert not np.array_equal(ref["images"][0], ref["images"][1])
+    assert len({img.tobytes() for img in ref["images"]}) == N  # every seed gives its own sample
 
 
 def test_batch_size_does_not_change_any_sample(tiny_pipeline_dir, tmp_path, reference):
