@@ -13,6 +13,16 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_collection_modifyitems(config, items):
+    """``gpu`` tests need a CUDA device: skipped without one (EQUIDIFF_TEST_DEVICE=cpu runs them on the CPU)."""
+    if torch.cuda.is_available() or os.environ.get("EQUIDIFF_TEST_DEVICE") == "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def tiny_unet():
     """A tiny random 1-channel 8x8 UNet2DModel (with an attention level), seeded."""
