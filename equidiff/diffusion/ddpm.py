@@ -84,8 +84,9 @@ def ddpm_step(sched: DDPMScheduler, model_output: torch.Tensor, t, x_t: torch.Te
     return mean, x0_hat
 
 
-def draw_ddpm_noise(shape: Sequence[int], generators: Sequence[torch.Generator], timesteps: Sequence[int] | torch.Tensor,
-                    *, device=None, dtype=torch.float32) -> list[torch.Tensor | None]:
+def draw_ddpm_noise(shape: Sequence[int], generators: Sequence[torch.Generator],
+                    timesteps: Sequence[int] | torch.Tensor, *, device=None,
+                    dtype=torch.float32) -> list[torch.Tensor | None]:
     """The step noises of a DDPM chain over ``timesteps``, per sample: one z per step with t > 0, None at t = 0."""
     return [randn_per_sample(shape, generators, device=device, dtype=dtype) if int(t) > 0 else None
             for t in timesteps]
