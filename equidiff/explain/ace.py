@@ -52,8 +52,8 @@ Randomness is per sample: every noise (the eps of each outer iteration, each cha
 inpainting step) is drawn from the sample's own generator, so a sample's explanation depends on its
 seed alone, not on its batch-mates. Each sample's draws come in the reference's order (per PGD
 iteration: eps, then one z per step with t > 0; inpainting: eps of the pre-explanation, then per step
-the original's eps and z), so at batch size 1 they are the reference's draws from a generator seeded
-alike.
+the original's eps and z), so at batch size 1 on CPU they are the reference's draws after
+``torch.manual_seed(seed)``.
 """
 
 from __future__ import annotations
