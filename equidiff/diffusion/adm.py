@@ -30,7 +30,9 @@ of 64, 96 and 128 channels), while ``UNet2DModel`` has one ``attention_head_dim`
 and loads like any diffusers model (``_class_name`` in its config.json tells ``load_unet`` to use it).
 
 Learned variance (``--learn_sigma True``) gives 2C output channels (eps, then the variance interpolation
-v); the backbones use the eps half and the samplers the DDPM posterior variance, as ``_ace.yaml`` notes.
+v). ``UNetBackbone(x_t, t)`` returns the eps half (every sampler); ``UNetBackbone(x_t, t, with_variance=True)``
+returns both, which the DDPM steps turn into guided-diffusion's learned variance (``equidiff.diffusion.ddpm``;
+ACE uses it). The saved scheduler keeps ``variance_type="fixed_small"``, the variance of eps-only DDPM use.
 The scheduler is guided-diffusion's: ``linear`` betas scaled by 1000 / steps (1e-4 .. 0.02 at 1000
 steps), or ``cosine`` (diffusers' ``squaredcos_cap_v2``).
 """

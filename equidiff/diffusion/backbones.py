@@ -75,8 +75,15 @@ class DiffusionBackbone(nn.Module):
 
 class UNetBackbone(DiffusionBackbone):
     """Pixel-space ``UNet2DModel`` (e.g. google/ddpm-cifar10-32, or a converted guided-diffusion model,
-    ``equidiff.diffusion.adm``) + its scheduler. A UNet with twice the input's channels predicts a learned
-    variance after eps; only eps is used."""
+    ``equidiff.diffusion.adm``) + its scheduler.
+
+    A UNet with twice the input's channels (guided-diffusion's ``learn_sigma``; ``learned_variance`` is
+    True) predicts eps, then the variance interpolation values v in [-1, 1]. ``backbone(x_t, t)`` returns eps
+    only (the one model protocol, for every sampler and guidance wrapper); ``backbone(x_t, t,
+    with_variance=True)`` returns eps and v stacked on the channels (2C), the output the DDPM step uses for
+    guided-diffusion's learned variance (``equidiff.diffusion.ddpm``): pass
+    ``functools.partial(backbone, with_variance=True)`` as the model function of a DDPM sampler or chain.
+    """
 
     def __init__(self, unet, scheduler):
         super().__init__(scheduler)
@@ -89,11 +96,21 @@ class UNetBackbone(DiffusionBackbone):
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return (cfg.in_channels, h, w)
 
-    def forward(self, x_t: torch.Tensor, t, **cond) -> torch.Tensor:
+    @property
+    def learned_variance(self) -> bool:
+        cfg = self.unet.config
+        return cfg.out_channels == 2 * cfg.in_channels
+
+    def forward(self, x_t: torch.Tensor, t, *, with_variance: bool = False, **cond) -> torch.Tensor:
         out = self.unet(x_t, t, **cond).sample
-        if out.shape[1] == 2 * x_t.shape[1]:  # learned variance (guided-diffusion's learn_sigma): eps comes first
-            out = out[:, : x_t.shape[1]]
-        return _to_eps(out, x_t, t, self.scheduler.alphas_cumprod, self.prediction_type)
+        c = x_t.shape[1]
+        eps = _to_eps(out[:, :c], x_t, t, self.scheduler.alphas_cumprod, self.prediction_type)
+        if not with_variance:
+            return eps
+        if out.shape[1] != 2 * c:
+            raise ConfigError(f"with_variance=True needs a UNet that learns its variance (2 x {c} output channels, "
+                              f"guided-diffusion's learn_sigma); this one has {out.shape[1]}")
+        return torch.cat([eps, out[:, c:]], dim=1)
 
 
 class LatentDiTBackbone(DiffusionBackbone):

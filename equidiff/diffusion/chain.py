@@ -1,8 +1,9 @@
 """The differentiable denoising chain, for optimisation through the sampler.
 
-Invariant-set sampling optimises z_T through the whole deterministic DDIM chain; ACE noises
-an image to step tau and back-propagates through the partial chain from tau. Both need the
-chain as an ordinary differentiable function with O(1) activation memory in the number of
+Invariant-set sampling optimises z_T through the whole deterministic DDIM chain (``ddim_chain``);
+ACE noises an image to step tau and back-propagates through the DDPM chain from tau
+(``ddpm_chain``, guided-diffusion's respacing and learned variance where the model has one). Both
+need the chain as an ordinary differentiable function with O(1) activation memory in the number of
 steps, which per-step gradient checkpointing gives (one extra forward per step on backward).
 
 Noise (for eta > 0) is drawn *outside* the checkpointed function and passed in, so the
@@ -18,15 +19,15 @@ import torch
 from diffusers import DDIMScheduler
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from equidiff.diffusion.schedulers import fresh_scheduler
+from equidiff.diffusion.ddpm import ddpm_scheduler, ddpm_step
+from equidiff.diffusion.schedulers import fresh_scheduler, respaced_timesteps
 from equidiff.utils.rng import randn_per_sample
 
 
-def chain_timesteps(scheduler, num_steps: int) -> torch.Tensor:
-    """The respaced timesteps t_N > ... > t_1 the chain visits (a fresh DDIMScheduler's)."""
-    sched = fresh_scheduler(scheduler, DDIMScheduler)
-    sched.set_timesteps(num_steps)
-    return sched.timesteps.clone()
+def chain_timesteps(scheduler, num_steps: int, spacing: str = "leading") -> torch.Tensor:
+    """The respaced timesteps t_N > ... > t_1 a chain visits (``"leading"``: ``ddim_chain``'s, a fresh DDIMScheduler's;
+    ``"guided_diffusion"``: guided-diffusion's ``space_timesteps``, see ``equidiff.diffusion.schedulers``)."""
+    return respaced_timesteps(scheduler, num_steps, spacing)
 
 
 def draw_chain_noise(
@@ -37,14 +38,15 @@ def draw_chain_noise(
     return [randn_per_sample(shape, generators, device=device, dtype=dtype) for _ in range(start_index, num_steps)]
 
 
-def noise_to_step(x_0: torch.Tensor, scheduler, *, num_steps: int, start_index: int, noise: torch.Tensor):
+def noise_to_step(x_0: torch.Tensor, scheduler, *, num_steps: int, start_index: int, noise: torch.Tensor,
+                  spacing: str = "leading"):
     """q(x_tau | x_0): x_tau = sqrt(alpha_bar_tau) x_0 + sqrt(1 - alpha_bar_tau) eps (DDPM eq. 4).
 
     ``start_index`` indexes the respaced schedule (0 = the noisiest step t_N); ``noise`` is eps.
     Returns (x_tau, tau) with tau the training timestep.
     """
-    timesteps = chain_timesteps(scheduler, num_steps)
     _check_start(start_index, num_steps)
+    timesteps = chain_timesteps(scheduler, num_steps, spacing)
     tau = timesteps[start_index]
     ab = scheduler.alphas_cumprod.to(device=x_0.device, dtype=x_0.dtype)[tau]
     return ab.sqrt() * x_0 + (1 - ab).sqrt() * noise, tau
@@ -88,6 +90,43 @@ def ddim_chain(
     x_t = x_start
     for i, t in enumerate(timesteps):
         z = noises[i] if eta > 0 else None
+        x_t = _checkpoint(step, x_t, t, z, use_reentrant=False) if use_ckpt else step(x_t, t, z)
+    return x_t
+
+
+def ddpm_chain(
+    model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x_start: torch.Tensor,
+    scheduler,
+    *,
+    timesteps: Sequence[int] | torch.Tensor,
+    noises: Sequence[torch.Tensor | None],
+    checkpoint: bool = True,
+    scheduler_overrides: dict | None = None,
+) -> torch.Tensor:
+    """Run DDPM ancestral steps from x_{timesteps[0]} down to x_0, differentiably.
+
+    ``timesteps``: the descending training timesteps to visit, the tail of a respaced chain (e.g.
+    ``chain_timesteps(s, 25, "guided_diffusion")[20:]``); each step goes to the next one, the last to
+    x_0. ``model_fn`` returns eps, or eps and learned variance values (2C channels; ``ddpm_step``).
+    ``noises``: one per step, None where t = 0 (``draw_ddpm_noise``), drawn outside the checkpointed
+    steps. ``scheduler_overrides`` apply to the fresh ``DDPMScheduler`` (e.g. ``{"clip_sample": True}``
+    for guided-diffusion's ``clip_denoised``).
+    """
+    timesteps = torch.as_tensor(timesteps).long().reshape(-1)
+    if len(noises) != len(timesteps) or any(z is None for z, t in zip(noises, timesteps.tolist(), strict=True)
+                                             if t > 0):
+        raise ValueError(f"the DDPM chain needs one noise per step with t > 0 ({len(timesteps)} steps over "
+                         f"{timesteps.tolist()}); use draw_ddpm_noise")
+    sched = ddpm_scheduler(scheduler, timesteps, overrides=scheduler_overrides, device=x_start.device)
+
+    def step(x_t, t, z):
+        # one ancestral step x_t -> x_{t'}; a pure function of its inputs (safe to recompute)
+        return ddpm_step(sched, model_fn(x_t, t), t, x_t, z)[0]
+
+    use_ckpt = checkpoint and torch.is_grad_enabled()
+    x_t = x_start
+    for t, z in zip(sched.timesteps, noises, strict=True):
         x_t = _checkpoint(step, x_t, t, z, use_reentrant=False) if use_ckpt else step(x_t, t, z)
     return x_t
 

@@ -36,7 +36,8 @@ class ACE(L.LightningModule):
         backbone: a pixel-space diffusion backbone (``model_fn(x_t, t) -> eps``) trained on the data.
         classifier: the classifier to explain, taking [-1, 1] images (one logit = binary).
         pre_explanation: ``PreExplanation`` (tau, iterations, PGD step and budget, distance, lambda_d).
-        post_processing: ``PostProcessing`` (dilation, threshold); same ``num_steps`` and ``tau``.
+        post_processing: ``PostProcessing`` (dilation, threshold); the same chain (``num_steps``, ``tau``,
+            ``spacing``, ``clip_denoised``, ``learned_variance``).
         target: ``"flip"`` (binary), a class index, or a label -> target mapping (``explanation_target``).
         misclassified_to_label: inputs the classifier gets wrong target their true label (the reference).
 
@@ -57,10 +58,9 @@ class ACE(L.LightningModule):
         if getattr(backbone, "is_latent", False):
             raise ConfigError("ACE works on pixel-space diffusion models (the mask and the inpainting are in pixel "
                               "space); pick a pixel UNet backbone (diffusion=local / ddpm_cifar10 / digits_ddpm)")
-        if (pre_explanation.num_steps, pre_explanation.tau) != (post_processing.num_steps, post_processing.tau):
-            raise ConfigError("ACE: the pre-explanation and the post-processing must use the same chain: got "
-                              f"num_steps/tau {pre_explanation.num_steps}/{pre_explanation.tau} and "
-                              f"{post_processing.num_steps}/{post_processing.tau}")
+        if pre_explanation.chain != post_processing.chain:
+            raise ConfigError("ACE: the pre-explanation and the post-processing must use the same DDPM chain: got "
+                              f"{pre_explanation.chain} and {post_processing.chain}")
         self.backbone = backbone
         self.classifier = classifier.eval().requires_grad_(False)  # gradients w.r.t. the images only
         if hasattr(classifier, "check_compatible"):

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDPMScheduler
 
 from equidiff.diffusion import chain_timesteps
 from equidiff.errors import ConfigError
@@ -14,6 +14,7 @@ from equidiff.explain.ace import (
     diffusion_filter,
     draw_filter_noise,
     explanation_target,
+    filter_timesteps,
     image_distance,
     pgd_update,
     pre_explanation,
@@ -49,17 +50,18 @@ def test_the_mask_equals_the_formula_on_a_hand_made_pair():
     torch.testing.assert_close(ace_mask((x + 1) / 2, (pe + 1) / 2, dilation=1, threshold=0.3)[0], m)
 
 
-def test_dilation_is_a_square_max_filter_and_the_threshold_is_strict():
+def test_dilation_is_a_square_max_filter_and_the_threshold_is_inclusive():
     x, pe = _hand_made_pair()
     _, dilated, binary = ace_mask(x, pe, dilation=3, threshold=0.25)
     expected = torch.tensor([[1.0, 1, 1, 0], [1, 1, 1, 0.25], [1, 1, 1, 0.25], [0, 0, 0.25, 0.25]])
     torch.testing.assert_close(dilated[0, 0], expected)
-    # m > u: pixels exactly at the threshold stay outside the mask
-    torch.testing.assert_close(binary[0, 0].float(), (expected > 0.25).float())
-    assert ace_mask(x, pe, dilation=3, threshold=0.2)[2].sum() == (expected > 0.2).sum()
-    # u = 1 keeps nothing (the normalised mask never exceeds 1); u = 0 takes every touched pixel
-    assert not ace_mask(x, pe, dilation=3, threshold=1.0)[2].any()
-    assert ace_mask(x, pe, dilation=3, threshold=0.0)[2].sum() == (expected > 0).sum()
+    # the reference keeps the original where dilated < u: pixels exactly at the threshold are regenerated
+    torch.testing.assert_close(binary[0, 0].float(), (expected >= 0.25).float())
+    assert binary[0, 0, 3, 3] and not binary[0, 0, 3, 0]
+    assert ace_mask(x, pe, dilation=3, threshold=0.3)[2].sum() == (expected >= 0.3).sum() == 9
+    # u = 1 keeps the dilated maximum only; u = 0 regenerates the whole image (the reference keeps nothing)
+    assert ace_mask(x, pe, dilation=3, threshold=1.0)[2].sum() == 9
+    assert ace_mask(x, pe, dilation=3, threshold=0.0)[2].all()
 
 
 def test_dilation_of_one_pixel_covers_a_d_by_d_square_clipped_at_the_border():
@@ -96,8 +98,21 @@ def test_bad_mask_settings_are_refused(dilation, threshold, match):
 def test_tau_counts_respaced_steps_from_the_clean_end():
     assert tau_start_index(50, 5) == 45
     assert tau_start_index(25, 25) == 0
+    # guided-diffusion's space_timesteps (the reference's): k * (T - 1) / (N - 1) rounded half to even
+    # 25 of 1000: stride 999/24 = 41.625 -> 41.625, 83.25, 124.875, 166.5 -> 42, 83, 125, 166 (ImageNet)
+    # 25 of 500: stride 499/24 = 20.79 -> 21, 42, 62, 83 (CelebA-HQ); 50 of 500: 499/49 = 10.18 -> 10, 20, 31, 41
+    # (CelebA); 100 of 1000: 999/99 = 10.09 -> 10, 20, 30, 40 (BDD100k); 50 of 1000: 999/49 = 20.39 -> 20, 41, 61, 82
+    expected = {(1000, 25): [166, 125, 83, 42, 0], (500, 25): [83, 62, 42, 21, 0], (500, 50): [41, 31, 20, 10, 0],
+                (1000, 100): [40, 30, 20, 10, 0], (1000, 50): [82, 61, 41, 20, 0]}
+    for (steps, n), ts in expected.items():
+        sched = DDPMScheduler(num_train_timesteps=steps)
+        assert filter_timesteps(sched, num_steps=n, tau=5).tolist() == ts, (steps, n)
+    # diffusers' leading spacing, the explicit variant: t = 0, T/N, 2T/N, ...
     sched = DDPMScheduler(num_train_timesteps=1000)
+    assert filter_timesteps(sched, num_steps=25, tau=5, spacing="leading").tolist() == [160, 120, 80, 40, 0]
     assert chain_timesteps(sched, 50)[tau_start_index(50, 5):].tolist() == [80, 60, 40, 20, 0]
+    with pytest.raises(ConfigError, match="unknown timestep spacing"):
+        PreExplanation(num_steps=25, tau=5, spacing="uniform")
 
 
 @pytest.mark.parametrize("tau", [0, 11, -1])
@@ -111,28 +126,15 @@ def test_tau_beyond_the_chain_is_refused(tau):
                         generators=generators_for([0]), num_steps=10, tau=tau, iterations=1)
 
 
-def test_the_eta1_chain_step_is_the_respaced_ddpm_step():
-    """DDIM at eta = 1 with noise z equals diffusers' DDPMScheduler step drawing the same z (respaced chain)."""
-    cfg = dict(num_train_timesteps=1000, clip_sample=False)
-    ddim, ddpm = DDIMScheduler(**cfg), DDPMScheduler(**cfg)
-    ddim.set_timesteps(25)
-    ddpm.set_timesteps(25)
-    assert ddim.timesteps.tolist() == ddpm.timesteps.tolist()
-    x_t, eps = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
-    for t in ddpm.timesteps[-5:]:
-        z = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(int(t)))
-        a = ddim.step(eps, t, x_t, eta=1.0, variance_noise=z).prev_sample
-        b = ddpm.step(eps, t, x_t, generator=torch.Generator().manual_seed(int(t))).prev_sample
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-
-
 # ----------------------------------------------------------------------------- gradients through the tau steps
 def test_gradients_reach_x_through_the_tau_step_chain():
     backbone = tiny_backbone(clip_sample=False).double()
     classifier = tiny_classifier().double()
     x = digits_like(2).double()
     target = torch.tensor([3, 7])
-    eps, noises = draw_filter_noise(x.shape[1:], generators_for([5, 6]), num_steps=10, tau=3, dtype=torch.float64)
+    timesteps = filter_timesteps(backbone.scheduler, num_steps=10, tau=3)
+    eps, noises = draw_filter_noise(x.shape[1:], generators_for([5, 6]), timesteps, dtype=torch.float64)
+    assert [z is None for z in noises] == [False, False, True]  # no noise at t = 0
 
     def loss(inp, checkpoint=True):
         out = diffusion_filter(backbone, inp, num_steps=10, tau=3, eps=eps, noises=noises, checkpoint=checkpoint)
@@ -194,7 +196,9 @@ def test_outside_the_mask_the_output_equals_the_noised_original_at_each_inpainti
     mask[1, :, 0:8, 0:2] = True
     seeds, num_steps, tau = [11, 12], 10, 4
     steps = []
-    ts = chain_timesteps(backbone.scheduler, num_steps)[tau_start_index(num_steps, tau):]
+    ts = filter_timesteps(backbone.scheduler, num_steps=num_steps, tau=tau)
+    # guided-diffusion's space_timesteps(1000, "10"): stride 999/9 = 111 -> 333, 222, 111, 0
+    assert ts.tolist() == [333, 222, 111, 0]
 
     class Probe(torch.nn.Module):  # the backbone, recording what each step returns
         def __init__(self):
@@ -209,13 +213,14 @@ def test_outside_the_mask_the_output_equals_the_noised_original_at_each_inpainti
 
     out = repaint(Probe(), x, pe, mask, generators=generators_for(seeds), num_steps=num_steps, tau=tau,
                   callback=callback)
-    # the same draws, in the same order, from fresh generators: eps of line 4, then per step (x_ts eps, z)
+    # the same draws, in the same order, from fresh generators: eps of line 4, then per step (x_ts eps, z);
+    # the step is diffusers' DDPMScheduler on the respaced timesteps, x0 clipped, drawing z from the generators
     gens = generators_for(seeds)
     draw = lambda: torch.stack([torch.randn(1, 8, 8, generator=g) for g in gens])  # noqa: E731
     ab = backbone.scheduler.alphas_cumprod
     prev = ab[ts[0]].sqrt() * pe + (1 - ab[ts[0]]).sqrt() * draw()
-    sched = DDIMScheduler.from_config(backbone.scheduler.config)
-    sched.set_timesteps(num_steps)
+    sched = DDPMScheduler.from_config(backbone.scheduler.config, clip_sample=True)
+    sched.set_timesteps(timesteps=ts.tolist())
     assert [t for t, _, _ in steps] == ts.tolist()
     m = mask.expand_as(x)
     for t, composite, x_ts in steps:
@@ -223,7 +228,7 @@ def test_outside_the_mask_the_output_equals_the_noised_original_at_each_inpainti
         torch.testing.assert_close(x_ts, noised_original)
         assert torch.equal(composite[~m], x_ts[~m])  # 13. outside the mask: the noised original, exactly
         assert torch.equal(composite[m], prev[m])  # inside: the chain's own sample
-        prev = sched.step(backbone(composite, t), t, composite, eta=1.0, variance_noise=draw()).prev_sample
+        prev = sched.step(backbone(composite, t), t, composite, generator=gens).prev_sample
     assert torch.equal(out[~m], x[~m])  # the original pasted back after the last step
     torch.testing.assert_close(out[m], prev.clamp(-1, 1)[m])
 

@@ -12,7 +12,7 @@ import torch
 from hydra.utils import instantiate
 
 from equidiff.cli import run
-from equidiff.explain.ace import diffusion_filter, draw_filter_noise, predicted_class
+from equidiff.explain.ace import diffusion_filter, draw_filter_noise, filter_timesteps, predicted_class
 from equidiff.utils.images import uint8_to_float
 from equidiff.utils.rng import generators_for
 from tests.helpers import compose_cfg, load_samples
@@ -59,10 +59,12 @@ def test_explanations_flip_the_classifier_with_localised_edits(digits_models):
     target = torch.as_tensor(np.stack([r["target"] for r in rows])).reshape(-1)
     backbone, classifier = instantiate(cfg.diffusion), instantiate(cfg.classifier)
     pre = cfg.method.pre_explanation
-    eps, noises = draw_filter_noise(x.shape[1:], generators_for(samples["seeds"].tolist()), num_steps=pre.num_steps,
-                                    tau=pre.tau)
+    timesteps = filter_timesteps(backbone.scheduler, num_steps=pre.num_steps, tau=pre.tau, spacing=pre.spacing)
+    eps, noises = draw_filter_noise(x.shape[1:], generators_for(samples["seeds"].tolist()), timesteps)
     with torch.no_grad():
-        filtered = diffusion_filter(backbone, x, num_steps=pre.num_steps, tau=pre.tau, eps=eps, noises=noises)
+        filtered = diffusion_filter(backbone, x, num_steps=pre.num_steps, tau=pre.tau, eps=eps, noises=noises,
+                                    spacing=pre.spacing, clip_denoised=pre.clip_denoised,
+                                    learned_variance=pre.learned_variance)
         filter_flip_rate = (predicted_class(classifier(filtered)) == target).float().mean().item()
     print(f"flip rate: ACE {m['flip_rate/flip_rate']:.3f}, unattacked filter {filter_flip_rate:.3f}, inputs "
           f"{m['flip_rate/input_flip_rate']:.3f}")

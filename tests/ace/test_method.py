@@ -58,7 +58,7 @@ def test_a_target_the_classifier_already_predicts_is_reported_as_flipped_not_att
     calls = []
 
     class Spy:  # the pre-explanation, recording what it is asked to attack
-        num_steps, tau = PRE.num_steps, PRE.tau
+        chain = PRE.chain
 
         def __call__(self, backbone, classifier, x, target, *, generators):
             calls.append((x.clone(), target.clone(), len(generators)))
@@ -85,8 +85,10 @@ def test_a_target_the_classifier_already_predicts_is_reported_as_flipped_not_att
 
 
 def test_bad_settings_are_refused_when_the_method_is_built():
-    with pytest.raises(ConfigError, match="same chain"):
+    with pytest.raises(ConfigError, match="same DDPM chain"):
         ACE(tiny_backbone(), tiny_classifier(), PRE, PostProcessing(num_steps=10, tau=3))
+    with pytest.raises(ConfigError, match="same DDPM chain"):
+        ACE(tiny_backbone(), tiny_classifier(), PRE, PostProcessing(num_steps=10, tau=2, spacing="leading"))
     with pytest.raises(ConfigError, match="channel"):
         ACE(tiny_backbone(channels=3), tiny_classifier(), PreExplanation(10, 2), PostProcessing(10, 2))
 
