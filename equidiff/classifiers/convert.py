@@ -1,9 +1,13 @@
 """Convert a checkpoint once into a plain tensor-only file that loads without unpickling code.
 
     python -m equidiff.classifiers.convert IN OUT [--trust-pickle] [--format auto|robustness|state_dict]
+    python -m equidiff.classifiers.convert --in-place FILE [FILE ...] [--trust-pickle] [--format ...]
 
 OUT is written atomically as safetensors (``.safetensors``) or as a ``torch.save`` file of a flat
-``{name: tensor}`` dict (any other suffix). Without ``--trust-pickle``, IN is read with
+``{name: tensor}`` dict (any other suffix). ``--in-place`` writes each FILE over itself (OUT = IN, also
+allowed as ``IN IN``), so a config that names the file (``conf/classifier/cifar10_l2_eps*.yaml`` name the
+zoo's ``.pt`` files) loads the converted file unchanged; IN is read completely before OUT replaces it, and
+an interrupted conversion leaves IN as it was. Without ``--trust-pickle``, IN is read with
 ``safe_torch_load``; with it, IN is unpickled with ``weights_only=False`` and ``pickle_module=dill``,
 which runs whatever code the file holds: use it only for files from a source you trust (e.g. the
 MadryLab robustness model zoo).
@@ -81,23 +85,39 @@ def save(tensors: dict[str, torch.Tensor], out: str | Path, metadata: dict | Non
             torch.save(tensors, tmp)
 
 
+def convert(src: str | Path, out: str | Path, fmt: str = "auto", *, trust_pickle: bool = False) -> dict:
+    """Convert ``src`` into ``out`` (which may be ``src`` itself); returns the metadata written."""
+    src = Path(src)
+    obj = _load_trusted(src) if trust_pickle else safe_torch_load(src)
+    tensors, meta = extract(obj, fmt, source=str(src))
+    del obj  # everything needed is in the cloned tensors; nothing refers to src any more
+    save(tensors, out, meta)
+    return {**meta, "tensors": len(tensors)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m equidiff.classifiers.convert",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("src", metavar="IN", type=Path)
-    p.add_argument("out", metavar="OUT", type=Path)
+    p.add_argument("paths", metavar="IN OUT | FILE", type=Path, nargs="+",
+                   help="IN OUT, or with --in-place one or more files converted over themselves")
+    p.add_argument("--in-place", action="store_true", help="write each FILE over itself")
     p.add_argument("--trust-pickle", action="store_true",
                    help="unpickle IN with weights_only=False and dill (runs code in it; trusted files only)")
     p.add_argument("--format", choices=("auto", "robustness", "state_dict"), default="auto")
     args = p.parse_args(argv)
-    try:
-        obj = _load_trusted(args.src) if args.trust_pickle else safe_torch_load(args.src)
-        tensors, meta = extract(obj, args.format, source=str(args.src))
-        save(tensors, args.out, meta)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.out} ({len(tensors)} tensors, format {meta['format']})")
+    if args.in_place:
+        jobs = [(path, path) for path in args.paths]
+    elif len(args.paths) == 2:
+        jobs = [tuple(args.paths)]
+    else:
+        p.error(f"give IN OUT, or --in-place FILE [FILE ...] (got {len(args.paths)} path(s) without --in-place)")
+    for src, out in jobs:
+        try:
+            meta = convert(src, out, args.format, trust_pickle=args.trust_pickle)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        print(f"wrote {out} ({meta['tensors']} tensors, format {meta['format']})")
     return 0
 
 

@@ -5,7 +5,8 @@ runs) and loaded strictly, so a wrong architecture, class count or key prefix is
 the keys that do not match, never a half-initialised network.
 
 * ``load_robustness``: MadryLab robustness checkpoints (or files converted from them). Their
-  ``AttackerModel`` normalised inside the model; here the normaliser's mean/std move to the wrapper.
+  ``AttackerModel`` clamps its input to [0, 1] and normalises it inside the model
+  (``InputNormalize``); here the clamp and the normaliser's mean/std move to the wrapper.
 * ``load_torchvision``: a torchvision architecture with local weights (a plain state dict or a
   Lightning checkpoint), ImageNet normalisation.
 * ``load_small_net``: the in-package ``SmallCNN`` / ``MLP``, trained directly on [-1, 1] data.
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from equidiff.classifiers.nets import MLP, SmallCNN
-from equidiff.classifiers.safe_load import safe_torch_load
+from equidiff.classifiers.safe_load import CONVERT_IN_PLACE, safe_torch_load
 from equidiff.classifiers.wrapper import Classifier
 from equidiff.errors import ConfigError
 
@@ -138,13 +139,14 @@ def _robustness_arch(arch: str, dataset: str, num_classes: int) -> nn.Module:
 
 
 def load_robustness(path: str | os.PathLike, *, arch: str = "resnet50", dataset: str = "cifar10",
-                    num_classes: int | None = None, **wrapper_kwargs) -> Classifier:
+                    num_classes: int | None = None, clamp: bool = True, **wrapper_kwargs) -> Classifier:
     """A MadryLab robustness checkpoint as a ``Classifier`` taking [-1, 1] images.
 
     Reads ``{"model": state_dict, ...}`` (also ``state_dict``, or a flat dict as written by
     ``equidiff.classifiers.convert``), with or without the ``module.`` prefix. The network gets the
     ``model.*`` weights; the ``normalizer.new_mean/new_std`` buffers become the wrapper's mean/std, and
-    its input range is [0, 1], as in ``AttackerModel``. ``attacker.*`` keys are copies and are ignored.
+    its input range is [0, 1], clamped, as in ``AttackerModel``'s ``InputNormalize``
+    (``(clamp(x, 0, 1) - mean) / std``). ``attacker.*`` keys are copies and are ignored.
 
     Args:
         path: the checkpoint (``.pt``/``.ckpt`` safe-loaded, or ``.safetensors``).
@@ -153,6 +155,9 @@ def load_robustness(path: str | os.PathLike, *, arch: str = "resnet50", dataset:
         dataset: "cifar10" (32x32) or "imagenet" (224x224): the architecture family, input size and the
             fallback normalisation.
         num_classes: number of logits; None reads it from the head's weight.
+        clamp: clamp the [0, 1]-mapped input to [0, 1] as robustness does (default). ``False`` feeds
+            values outside the range through unchanged: other logits there, and a classifier
+            gradient on every pixel of a noisy x_t (the clamp's gradient is zero outside the range).
         **wrapper_kwargs: override ``Classifier`` arguments (``resize``, ``class_names``, ...).
     """
     if dataset not in ROBUSTNESS_DATASETS:
@@ -160,8 +165,8 @@ def load_robustness(path: str | os.PathLike, *, arch: str = "resnet50", dataset:
                           f"{list(ROBUSTNESS_DATASETS)}")
     info = ROBUSTNESS_DATASETS[dataset]
     path = _require_file(path, f"Download the checkpoint from the MadryLab robustness model zoo "
-                               f"({ROBUSTNESS_ZOO}) and, if it needs pickled code, convert it once with "
-                               f"python -m equidiff.classifiers.convert --trust-pickle IN OUT.safetensors.")
+                               f"({ROBUSTNESS_ZOO}) to this path and convert it once in place (its files are "
+                               f"dill pickles): {CONVERT_IN_PLACE.format(path=Path(path).expanduser())}")
     state = checkpoint_state_dict(safe_torch_load(path), str(path))
     state = {k.removeprefix("module."): v for k, v in state.items()}
     net_state = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
@@ -177,7 +182,7 @@ def load_robustness(path: str | os.PathLike, *, arch: str = "resnet50", dataset:
     num_classes = num_classes or _infer_num_classes(net_state) or info["num_classes"]
     net = _robustness_arch(arch, dataset, num_classes)
     _load_strict(net, net_state, path, f"robustness {dataset} {arch} with {num_classes} classes")
-    return _wrap(net, {"input_range": (0.0, 1.0), "mean": mean, "std": std, "channels": 3,
+    return _wrap(net, {"input_range": (0.0, 1.0), "clamp": clamp, "mean": mean, "std": std, "channels": 3,
                        "image_size": info["image_size"], "num_classes": num_classes}, wrapper_kwargs)
 
 

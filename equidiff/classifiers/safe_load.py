@@ -3,7 +3,8 @@
 ``safe_torch_load`` is ``torch.load(weights_only=True)`` plus a short allowlist of plain-data types
 that real checkpoints carry. A file that needs anything else (a function, a class with a custom
 ``__reduce__``, dill's code objects) is refused before any of it runs, with the one-time fix: convert a
-file you trust with ``python -m equidiff.classifiers.convert --trust-pickle IN OUT``.
+file you trust in place, so that every config naming it keeps working,
+``python -m equidiff.classifiers.convert --trust-pickle --in-place FILE``.
 
 The allowlist:
 
@@ -35,7 +36,7 @@ import torch
 
 from equidiff.errors import ConfigError
 
-CONVERT_COMMAND = "python -m equidiff.classifiers.convert --trust-pickle {path} {out}"
+CONVERT_IN_PLACE = "python -m equidiff.classifiers.convert --trust-pickle --in-place {path}"
 
 
 class UnsafeCheckpointError(ConfigError):
@@ -134,12 +135,11 @@ def _refusal_message(path: Path, torch_message: str, names: list[str]) -> str:
     detail = detail.strip().split(" Please use `torch.serialization")[0]  # we offer extra_allowed instead
     names = names or re.findall(r"GLOBAL (\S+)", detail)
     needs = f"it needs {', '.join(names)}, which" if names else "it needs pickled objects that"
-    out = path.with_name(path.stem + ".converted.safetensors")
     return (
         f"refused to load {path}: {needs} weights-only loading does not allow, because unpickling them "
         f"can run arbitrary code. The file was not executed. If you trust where it came from, convert it "
-        f"once to a plain state-dict file and load that instead: "
-        f"{CONVERT_COMMAND.format(path=path, out=out)} "
+        f"once, in place, to a plain tensor file (the configs that name it keep working): "
+        f"{CONVERT_IN_PLACE.format(path=path)} "
         f"(torch said: {detail})")
 
 

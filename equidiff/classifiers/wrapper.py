@@ -2,9 +2,9 @@
 
 Diffusion images are float NCHW in [-1, 1]. Every classifier in equidiff is wrapped in
 ``Classifier``, which maps that to what the network was trained on: its value range ([0, 1]
-or [-1, 1]), its mean/std normalisation (skip it when the network normalises internally,
-as MadryLab's ``AttackerModel`` does), its channel count and its input size (resized only
-when ``resize=True``; otherwise a size mismatch is an error, never a silent resample).
+or [-1, 1]), optionally clamped to that range, its mean/std normalisation (skip it when the network
+normalises internally), its channel count and its input size (resized only when ``resize=True``;
+otherwise a size mismatch is an error, never a silent resample).
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ class Classifier(nn.Module):
     Args:
         net: the network; it receives images in ``input_range``, normalised by ``mean``/``std``.
         input_range: (low, high) the network expects, (0, 1) or (-1, 1).
+        clamp: clamp the mapped input to ``input_range`` before normalising, as MadryLab robustness'
+            ``InputNormalize`` does (``torch.clamp(x, 0, 1)``). Its gradient is zero for every input
+            value outside the range, so guidance computed on a noisy x_t gets no classifier gradient
+            on the pixels outside [-1, 1] (README, robust-energy section).
         mean, std: per-channel normalisation applied after the range mapping (None: none).
         channels: input channels the network expects (None: not checked).
         image_size: input size the network expects, int or (H, W) (None: not checked).
@@ -41,7 +45,7 @@ class Classifier(nn.Module):
         class_names: optional names of the classes, for plots and reports.
     """
 
-    def __init__(self, net: nn.Module, *, input_range: Sequence[float] = (0.0, 1.0),
+    def __init__(self, net: nn.Module, *, input_range: Sequence[float] = (0.0, 1.0), clamp: bool = False,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  channels: int | None = None, image_size=None, resize: bool = False,
                  gray_to_rgb: bool = False, num_classes: int | None = None,
@@ -54,7 +58,7 @@ class Classifier(nn.Module):
         if (mean is None) != (std is None):
             raise ConfigError("give both mean and std for the classifier's normalisation, or neither")
         self.net = net.eval()
-        self.input_range = (lo, hi)
+        self.input_range, self.clamp = (lo, hi), bool(clamp)
         self.channels, self.image_size = channels, _size2(image_size)
         self.resize, self.gray_to_rgb = resize, gray_to_rgb
         self.num_classes = num_classes
@@ -98,6 +102,8 @@ class Classifier(nn.Module):
                                   antialias=True)
         lo, hi = self.input_range
         x = (x + 1) * 0.5 * (hi - lo) + lo
+        if self.clamp:
+            x = x.clamp(lo, hi)
         if self.mean is not None:
             x = (x - self.mean) / self.std
         return x

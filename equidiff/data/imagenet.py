@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
 
 from equidiff.data.base import EquidiffDataModule
+from equidiff.data.imagenet_wnids import ILSVRC2012_WNIDS
 from equidiff.data.transforms import check_root, image_transform
 from equidiff.errors import ConfigError, DataLayoutError
 
@@ -28,6 +29,8 @@ LAYOUT = "<root>/train/<wnid>/*.JPEG and/or <root>/val/<wnid>/*.JPEG (one folder
 SOURCE = ("Get ILSVRC2012_img_train.tar / ILSVRC2012_img_val.tar from https://image-net.org/download.php and "
           "sort val into one folder per wnid (valprep.sh, https://github.com/pytorch/examples/tree/main/imagenet).")
 SPLIT_FOLDERS = {"train": "train", "val": "val", "test": "val"}
+LABEL_MAPS = ("auto", "ilsvrc2012", "folders")
+_WNID_INDEX = {wnid: i for i, wnid in enumerate(ILSVRC2012_WNIDS)}
 
 
 def class_folders(folder: Path) -> list[str]:
@@ -53,10 +56,19 @@ class IndexedImageFolder(ImageFolder):
 class ImageNetDataModule(EquidiffDataModule):
     """ImageNet from class folders (layout in the module docstring).
 
-    Class index = position of the wnid in the sorted list of class folders (of ``train``, or of
-    ``val`` where there is no ``train``): the standard 1000-class order of torchvision's
-    ``ImageFolder`` and of pretrained classifiers. ``classes`` reads only some wnids but keeps those
-    indices (and ``num_classes``), so a pretrained 1000-way classifier still lines up.
+    Class index (``label_map``):
+
+    * ``"ilsvrc2012"``: the position of the folder's wnid among the 1000 ILSVRC-2012 wnids in sorted order
+      (``ILSVRC2012_WNIDS``), the order of torchvision's ``ImageFolder`` on the full dataset and of every
+      pretrained 1000-class classifier, whatever subset of class folders is on disk (a ``val/`` holding
+      only ``n02391049`` and ``n02389026`` gives labels 340 and 339). ``num_classes`` = 1000. A folder
+      that is not an ILSVRC-2012 wnid is an error.
+    * ``"folders"``: the position in the sorted list of class folders (of ``train``, or of ``val`` where
+      there is no ``train``), as ``ImageFolder`` does, for a custom class set; ``train/`` and ``val/``
+      must then hold the same folders. ``num_classes`` = their number.
+    * ``"auto"`` (default): ``"ilsvrc2012"`` if any class folder is an ILSVRC-2012 wnid, else ``"folders"``.
+
+    ``classes`` reads only some wnids and keeps their indices (and ``num_classes``).
 
     Splits: ``train`` = ``<root>/train``; ``val`` and ``test`` both = ``<root>/val``, ImageNet's
     labelled evaluation set (the test labels were never released). A root with only ``val`` (all an
@@ -67,11 +79,14 @@ class ImageNetDataModule(EquidiffDataModule):
         image_size: resize (short side) + center crop to this size (default 256); None = native sizes
             (which differ per image, so batch_size 1).
         classes: optional list of wnids to read.
+        label_map: "auto", "ilsvrc2012" or "folders" (above).
     """
 
     def __init__(self, root: str, *, image_size: int | None = 256, classes: Sequence[str] | None = None,
-                 **kwargs):
+                 label_map: str = "auto", **kwargs):
         super().__init__(**kwargs)
+        if label_map not in LABEL_MAPS:
+            raise ConfigError(f"ImageNet: label_map must be one of {LABEL_MAPS}, got {label_map!r}")
         self.root = check_root("ImageNet", root, LAYOUT, SOURCE)
         present = [name for name in ("train", "val") if (self.root / name).is_dir()]
         if not present:
@@ -82,19 +97,32 @@ class ImageNetDataModule(EquidiffDataModule):
             if not wnids:
                 raise DataLayoutError(f"ImageNet: {str(self.root / name)!r} has no class folders (is it the "
                                       f"unsorted validation tarball?). Expected {LAYOUT}. {SOURCE}")
-        if len(folders) == 2 and folders["train"] != folders["val"]:
-            only = sorted(set(folders["train"]) ^ set(folders["val"]))
-            raise DataLayoutError(f"ImageNet: train/ and val/ have different class folders "
-                                  f"({len(only)} in only one of them, e.g. {only[:5]}). {SOURCE}")
-        self.wnids = folders[present[0]]
+        on_disk = sorted(set().union(*folders.values()))
+        if label_map == "auto":
+            label_map = "ilsvrc2012" if any(w in _WNID_INDEX for w in on_disk) else "folders"
+        if label_map == "ilsvrc2012":
+            foreign = [w for w in on_disk if w not in _WNID_INDEX]
+            if foreign:
+                raise DataLayoutError(
+                    f"ImageNet: {len(foreign)} class folder(s) under {str(self.root)!r} are not ILSVRC-2012 wnids "
+                    f"(e.g. {foreign[:5]}), so they have no ImageNet-1k label. Remove them, or, for a custom "
+                    f"class set, set data.label_map=folders (labels 0..k-1 in sorted folder order).")
+            self.wnids = list(ILSVRC2012_WNIDS)
+        else:
+            if len(folders) == 2 and folders["train"] != folders["val"]:
+                only = sorted(set(folders["train"]) ^ set(folders["val"]))
+                raise DataLayoutError(f"ImageNet: train/ and val/ have different class folders "
+                                      f"({len(only)} in only one of them, e.g. {only[:5]}), and with "
+                                      f"label_map=folders the labels are positions among the folders. {SOURCE}")
+            self.wnids = folders[present[0]]
+        self.label_map = label_map
         self.num_classes = len(self.wnids)
-        self.classes = list(classes) if classes is not None else list(self.wnids)
-        unknown = sorted(set(self.classes) - set(self.wnids))
+        self.index = {wnid: i for i, wnid in enumerate(self.wnids)}
+        self.classes = list(classes) if classes is not None else None
+        unknown = sorted(set(self.classes or ()) - set(on_disk))
         if unknown:
             raise ConfigError(f"ImageNet: classes {unknown[:10]} are not class folders under "
-                              f"{str(self.root)!r} (it has {self.num_classes}, e.g. {self.wnids[:3]})")
-        index = {wnid: i for i, wnid in enumerate(self.wnids)}
-        self.class_to_idx = {wnid: index[wnid] for wnid in self.classes}
+                              f"{str(self.root)!r} (it has {len(on_disk)}, e.g. {on_disk[:3]})")
         self.image_size = image_size
         self.transform = image_transform(image_size)
 
@@ -103,7 +131,8 @@ class ImageNetDataModule(EquidiffDataModule):
         if not folder.is_dir():
             raise DataLayoutError(f"ImageNet: split {split!r} reads {str(folder)!r}, which does not exist. "
                                   f"Expected {LAYOUT}. {SOURCE}")
+        wnids = self.classes if self.classes is not None else class_folders(folder)
         try:
-            return IndexedImageFolder(folder, self.class_to_idx, self.transform)
-        except FileNotFoundError as e:  # a class folder without images
-            raise DataLayoutError(f"ImageNet: {e}. Expected {LAYOUT}. {SOURCE}") from e
+            return IndexedImageFolder(folder, {wnid: self.index[wnid] for wnid in wnids}, self.transform)
+        except FileNotFoundError as e:  # a class folder missing or without images
+            raise DataLayoutError(f"ImageNet: {e} in {str(folder)!r}. Expected {LAYOUT}. {SOURCE}") from e

@@ -2,15 +2,19 @@
 
 import argparse
 import os
+import shlex
 import warnings
-from collections import OrderedDict
+from types import SimpleNamespace
 
 import dill
 import numpy as np
 import pytest
 import torch
 import torchvision
+from hydra.utils import instantiate
 from robustness import cifar_models
+from robustness.attacker import AttackerModel
+from robustness.tools.helpers import InputNormalize
 
 from equidiff.classifiers import (
     Classifier,
@@ -37,24 +41,36 @@ def randomise_bn(net, seed=0):
     return net.eval()
 
 
+class DataParallelLayout(torch.nn.Module):
+    """Holds a module as ``self.module``: the state-dict layout of ``torch.nn.DataParallel`` (which would
+    move the module to a GPU where there is one)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def attacker_model(net, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> AttackerModel:
+    """robustness' own ``AttackerModel(net, dataset)``; it reads only ``dataset.mean`` / ``dataset.std``."""
+    return AttackerModel(net, SimpleNamespace(mean=torch.tensor(mean), std=torch.tensor(std))).eval()
+
+
 def robustness_checkpoint(net, mean=CIFAR10_MEAN, std=CIFAR10_STD, momentum=0.9):
-    """A dict laid out like a MadryLab robustness checkpoint of ``AttackerModel(net)`` under DataParallel.
+    """A checkpoint as robustness' ``train.py`` saves it: ``{"model": DataParallel(AttackerModel(net)).state_dict(),
+    "optimizer", "schedule", "epoch"}``, so the keys are robustness' own: ``module.normalizer.new_mean/new_std``,
+    ``module.model.*``, ``module.attacker.normalize.*``, ``module.attacker.model.*``.
 
     ``momentum=0`` leaves the optimizer state without per-parameter buffers (a smaller file).
     """
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=momentum)
-    for p in net.parameters():
+    randomise_bn(net)
+    model = DataParallelLayout(attacker_model(net, mean, std))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
+    for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()  # momentum buffers in the optimizer state; the weights stay as they are
     opt.zero_grad()
-    randomise_bn(net)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[50, 100])
-    m, s = torch.tensor(mean).reshape(3, 1, 1), torch.tensor(std).reshape(3, 1, 1)
-    state = OrderedDict([("module.normalizer.new_mean", m), ("module.normalizer.new_std", s)])
-    state.update((f"module.model.{k}", v) for k, v in net.state_dict().items())
-    state.update([("module.attacker.normalize.new_mean", m), ("module.attacker.normalize.new_std", s)])
-    state.update((f"module.attacker.model.{k}", v) for k, v in net.state_dict().items())
-    return {"model": state, "epoch": 150, "optimizer": opt.state_dict(), "schedule": sched.state_dict()}
+    return {"model": model.state_dict(), "epoch": 150, "optimizer": opt.state_dict(), "schedule": sched.state_dict()}
 
 
 def expected_logits(net, x, mean, std, image_range=(0.0, 1.0)):
@@ -107,14 +123,75 @@ def test_robustness_checkpoint_gives_the_source_logits(robust_file, cifar_net):
     torch.testing.assert_close(clf(x), expected_logits(cifar_net, x, CIFAR10_MEAN, CIFAR10_STD))
 
 
-def test_robustness_without_module_prefix_under_state_dict(tmp_path, cifar_net):
+def test_checkpoint_keys_are_robustness_own_layout(cifar_net):
+    state = robustness_checkpoint(cifar_net, momentum=0)["model"]
+    n = len(cifar_net.state_dict())
+    heads = [".".join(k.split(".")[:3 if k.startswith("module.attacker.") else 2]) for k in state]
+    assert sorted(set(heads)) == ["module.attacker.model", "module.attacker.normalize", "module.model",
+                                  "module.normalizer"]
+    assert len(state) == 2 * n + 4 and state["module.normalizer.new_mean"].shape == (3, 1, 1)
+
+
+def out_of_range_images(n=3, size=32, seed=2):
+    """[-1, 1] images with a third of the pixels pushed outside, as in a noisy x_t (N(0, 2.25) noise)."""
+    x = images(n, size, seed) + 1.5 * torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    outside = (x.abs() > 1).float().mean()
+    assert 0.25 < outside < 0.6
+    return x
+
+
+@pytest.mark.parametrize("inside", [True, False])
+def test_robustness_clamp_equals_their_input_normalize(robust_file, cifar_net, inside):
+    """Logits and input gradients equal robustness' ``InputNormalize`` (clamp to [0, 1], then normalise),
+    on [-1, 1] images and on images partly outside; the outside pixels get no gradient."""
+    clf = load_robustness(robust_file, arch="resnet18")
+    assert clf.clamp
+    normalize = InputNormalize(torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD))
+    x = images(3) if inside else out_of_range_images()
+    y = torch.tensor([0, 3, 7])
+
+    def logits_and_grad(f):
+        xg = x.clone().requires_grad_(True)
+        logits = f(xg)
+        (grad,) = torch.autograd.grad(logits.log_softmax(-1).gather(1, y[:, None]).sum(), xg)
+        return logits.detach(), grad
+
+    ours, g_ours = logits_and_grad(clf)
+    ref, g_ref = logits_and_grad(lambda v: cifar_net(normalize((v + 1) / 2)))
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(g_ours, g_ref)
+    outside = x.abs() > 1
+    assert (g_ours[outside] == 0).all() and (g_ours[~outside] != 0).float().mean() > 0.99
+    assert outside.any() != inside
+
+
+def test_robustness_clamp_off_is_the_unclamped_map(robust_file, cifar_net):
+    x = out_of_range_images()
+    clamped = load_robustness(robust_file, arch="resnet18")
+    unclamped = load_robustness(robust_file, arch="resnet18", clamp=False)
+    assert not unclamped.clamp
+    want = expected_logits(cifar_net, x, CIFAR10_MEAN, CIFAR10_STD)  # (x + 1) / 2, normalised, no clamp
+    torch.testing.assert_close(unclamped(x), want)
+    assert (clamped(x) - want).abs().max() > 1e-3
+    xg = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(unclamped(xg)[:, 0].sum(), xg)
+    assert (g[x.abs() > 1] != 0).float().mean() > 0.99  # no clamp: every pixel has a gradient
+    # the same image inside the range: no difference
+    inside = x.clamp(-1, 1)
+    torch.testing.assert_close(unclamped(inside), clamped(inside))
+
+
+@pytest.mark.parametrize("strip_module", [False, True])
+def test_robustness_state_dict_key_with_or_without_module_prefix(tmp_path, cifar_net, strip_module):
+    """robustness' model_utils reads ``model`` or else ``state_dict``; a model saved without DataParallel has
+    no ``module.`` prefix. The normaliser's mean/std come from the checkpoint, not the dataset defaults."""
     mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-    ckpt = robustness_checkpoint(cifar_net, mean, std)
-    ckpt["state_dict"] = {k.removeprefix("module."): v for k, v in ckpt.pop("model").items()}
+    ckpt = robustness_checkpoint(cifar_net, mean, std, momentum=0)
+    ckpt["state_dict"] = {(k.removeprefix("module.") if strip_module else k): v for k, v in ckpt.pop("model").items()}
     torch.save(ckpt, tmp_path / "r18.pt")
     clf = load_robustness(tmp_path / "r18.pt", arch="resnet18")
-    x = images(1)
-    torch.testing.assert_close(clf(x), expected_logits(cifar_net, x, mean, std))
+    x = torch.cat([images(1), out_of_range_images(1)])
+    torch.testing.assert_close(clf(x), attacker_model(cifar_net, mean, std)((x + 1) / 2, with_image=False))
 
 
 def test_robustness_default_arch_is_their_cifar_resnet50(tmp_path):
@@ -162,8 +239,9 @@ def test_robustness_wrong_arch_or_classes_lists_keys(robust_file):
 
 
 def test_robustness_missing_file_names_path_and_zoo(tmp_path):
-    with pytest.raises(ConfigError, match=r"not found: .*nope\.pt.*MadryLab robustness model zoo"):
+    with pytest.raises(ConfigError, match=r"not found: .*nope\.pt.*MadryLab robustness model zoo") as err:
         load_robustness(tmp_path / "nope.pt")
+    assert f"convert --trust-pickle --in-place {tmp_path / 'nope.pt'}" in str(err.value)
 
 
 # ---------------------------------------------------------------- safe loading
@@ -264,6 +342,60 @@ def test_convert_dill_checkpoint(tmp_path, cifar_net, capsys):
     torch.testing.assert_close(load_robustness(out, arch="resnet18")(x),
                                expected_logits(cifar_net, x, CIFAR10_MEAN, CIFAR10_STD))
     assert not list(tmp_path.glob(".converted*"))  # no temporary file left behind
+
+
+def zoo_file(path, net):
+    """A file like the zoo's: robustness' checkpoint dict saved with dill, holding a function (so it needs dill)."""
+    ckpt = robustness_checkpoint(net, momentum=0)
+    ckpt["lr_fn"] = lambda epoch: 0.1 ** (epoch // 50)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path, pickle_module=dill)
+    return path
+
+
+def test_zoo_file_converted_in_place_loads_through_its_config(tmp_path, cifar_net):
+    """The README's story: the zoo file at the path the config names -> refused, with the command -> that
+    command converts it in place -> the unchanged config loads it, equal to robustness' own AttackerModel."""
+    from tests.helpers import compose_cfg
+
+    zoo = zoo_file(tmp_path / "weights" / "robustness" / "cifar_l2_0_5.pt", cifar_net)
+    cfg = compose_cfg(["classifier=cifar10_l2_eps0_5", f"paths.weights_dir={tmp_path / 'weights'}",
+                       "classifier.arch=resnet18"])  # a ResNet-18 keeps the file small; the rest is the config
+    with pytest.raises(Exception) as err:  # Hydra wraps it; the CLI prints the ConfigError's message
+        instantiate(cfg.classifier)
+    assert isinstance(err.value.__cause__, UnsafeCheckpointError)
+    command = f"python -m equidiff.classifiers.convert --trust-pickle --in-place {zoo}"
+    assert command in str(err.value.__cause__)
+    assert convert_main(shlex.split(command)[3:]) == 0
+    assert not list(zoo.parent.glob(".*"))  # no temporary file left
+    state = safe_torch_load(zoo)  # now a flat tensor dict, weights-only loadable
+    assert "module.normalizer.new_mean" in state and not any(".attacker." in k for k in state)
+
+    clf = instantiate(cfg.classifier)
+    assert clf.clamp and clf.input_range == (0.0, 1.0)
+    x = torch.cat([images(1), out_of_range_images(2)])
+    want = attacker_model(cifar_net)((x + 1) / 2, with_image=False)
+    torch.testing.assert_close(clf(x), want)
+    # classifier.clamp=false: the unclamped map
+    off = instantiate(compose_cfg(["classifier=cifar10_l2_eps0_5", f"paths.weights_dir={tmp_path / 'weights'}",
+                                   "classifier.arch=resnet18", "classifier.clamp=false"]).classifier)
+    torch.testing.assert_close(off(x), expected_logits(cifar_net, x, CIFAR10_MEAN, CIFAR10_STD))
+    # converting again is harmless (the file is already plain)
+    assert convert_main(["--in-place", str(zoo)]) == 0
+    torch.testing.assert_close(instantiate(cfg.classifier)(x), want)
+
+
+def test_convert_arguments(tmp_path, cifar_net, capsys):
+    a, b = (zoo_file(tmp_path / name, cifar_net) for name in ("a.pt", "b.pt"))
+    before = a.read_bytes()
+    assert convert_main(["--in-place", str(a), str(b)]) == 1  # dill needs --trust-pickle; nothing written
+    assert "--trust-pickle --in-place" in capsys.readouterr().err and a.read_bytes() == before
+    assert convert_main(["--trust-pickle", "--in-place", str(a), str(b)]) == 0
+    assert all("module.model.linear.weight" in safe_torch_load(p) for p in (a, b))
+    for argv in ([str(a)], [str(a), str(b), str(tmp_path / "c.pt")]):
+        with pytest.raises(SystemExit):
+            convert_main(argv)
+        assert "--in-place FILE" in capsys.readouterr().err
 
 
 def test_convert_state_dict_to_pt(tmp_path):

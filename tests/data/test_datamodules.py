@@ -55,7 +55,7 @@ def build(name: str, root, **kwargs):
         write_fake_waterbirds(root)
         return WaterBirdsDataModule(str(root), image_size=8, **kwargs)
     write_fake_spuco_animals(root)
-    return SpuCoAnimalsDataModule(str(root), image_size=8, **kwargs)
+    return SpuCoAnimalsDataModule(str(root), image_size=8, check_counts=False, **kwargs)
 
 
 EXTRA_KEYS = {"cifar10": set(), "imagenet": set(), "celeba": {"attrs"}, "waterbirds": {"group"},
@@ -163,41 +163,95 @@ def test_cifar10_garbage_file(tmp_path):
 
 
 # -- ImageNet --------------------------------------------------------------------------------------
+ZEBRA, SORREL = "n02391049", "n02389026"  # ImageNet-1k classes 340 and 339 (the seed's ACE pair)
+
+
+def test_ilsvrc2012_wnids_are_the_imagenet_class_order():
+    """Independent of the list's source: sorted, 1000 distinct wnids, and torchvision's Imagenette wnids sit at
+    the indices of their names in torchvision's ImageNet-1k categories."""
+    import torchvision
+    from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+    from equidiff.data.imagenet_wnids import ILSVRC2012_WNIDS
+
+    assert len(set(ILSVRC2012_WNIDS)) == 1000 and list(ILSVRC2012_WNIDS) == sorted(ILSVRC2012_WNIDS)
+    assert all(len(w) == 9 and w[0] == "n" and w[1:].isdigit() for w in ILSVRC2012_WNIDS)
+    for wnid, names in torchvision.datasets.Imagenette._WNID_TO_CLASS.items():
+        assert ILSVRC2012_WNIDS.index(wnid) == _IMAGENET_CATEGORIES.index(names[0]), (wnid, names)
+    assert _IMAGENET_CATEGORIES[ILSVRC2012_WNIDS.index(ZEBRA)] == "zebra" == _IMAGENET_CATEGORIES[340]
+    assert _IMAGENET_CATEGORIES[ILSVRC2012_WNIDS.index(SORREL)] == "sorrel"
+
+
 def test_imagenet_class_folders_in_sorted_wnid_order(tmp_path):
-    w = write_fake_imagenet(tmp_path, n_train=2, n_val=1)
+    w = write_fake_imagenet(tmp_path, n_train=2, n_val=1)  # ImageNet-1k classes 0, 1, 2
+    for label_map, num_classes in (("auto", 1000), ("ilsvrc2012", 1000), ("folders", 3)):
+        dm = ImageNetDataModule(str(tmp_path), image_size=8, label_map=label_map)
+        assert dm.num_classes == num_classes and dm.wnids[:3] == w["wnids"] == sorted(w["wnids"])
+        for split, folder in (("train", "train"), ("val", "val"), ("test", "val")):  # test = val
+            ds = dm.dataset(split)
+            assert len(ds) == len(w[folder])
+            for i, (_, label, k) in enumerate(w[folder]):
+                item = ds[i]
+                check_image(item["image"], (3, 8, 8))
+                assert item["label"] == label
+                assert_color(item["image"], k)
+
+
+def test_imagenet_val_with_some_class_folders_keeps_imagenet_labels(tmp_path):
+    """A val/ holding only some classes (here zebra and sorrel) keeps their ImageNet-1k labels, 340 and 339,
+    never 0..k-1: a 1000-class classifier reads them right."""
+    write_fake_imagenet(tmp_path, wnids=(ZEBRA, SORREL), n_train=0, n_val=2)
     dm = ImageNetDataModule(str(tmp_path), image_size=8)
-    assert dm.num_classes == 3 and dm.wnids == w["wnids"] == sorted(w["wnids"])
-    for split, folder in (("train", "train"), ("val", "val"), ("test", "val")):  # test = val
-        ds = dm.dataset(split)
-        assert len(ds) == len(w[folder])
-        for i, (_, label, k) in enumerate(w[folder]):
-            item = ds[i]
-            check_image(item["image"], (3, 8, 8))
-            assert item["label"] == label
-            assert_color(item["image"], k)
+    assert dm.label_map == "ilsvrc2012" and dm.num_classes == 1000
+    assert [dm.dataset("test")[i]["label"] for i in range(4)] == [339, 339, 340, 340]  # sorted: sorrel first
+    only = ImageNetDataModule(str(tmp_path), image_size=8, classes=[ZEBRA]).dataset("val")
+    assert [only[i]["label"] for i in range(len(only))] == [340, 340]
+    # a train/ with other classes does not change them
+    write_fake_imagenet(tmp_path, n_train=1, n_val=0)
+    dm = ImageNetDataModule(str(tmp_path), image_size=8)
+    assert [dm.dataset("val")[i]["label"] for i in range(4)] == [339, 339, 340, 340]
+    assert sorted({dm.dataset("train")[i]["label"] for i in range(3)}) == [0, 1, 2]
+    # labels by folder position only when asked for (a custom class set), where train/ and val/ must agree
+    with pytest.raises(DataLayoutError, match="different class folders"):
+        ImageNetDataModule(str(tmp_path), label_map="folders")
+    shutil.rmtree(tmp_path / "train")
+    dm = ImageNetDataModule(str(tmp_path), image_size=8, label_map="folders")
+    assert dm.num_classes == 2 and [dm.dataset("val")[i]["label"] for i in range(4)] == [0, 0, 1, 1]
 
 
-def test_imagenet_default_size_and_native_size(tmp_path):
-    write_fake_imagenet(tmp_path, size=(12, 10))
-    check_image(ImageNetDataModule(str(tmp_path)).dataset("val")[0]["image"], (3, 256, 256))
-    check_image(ImageNetDataModule(str(tmp_path), image_size=None).dataset("val")[0]["image"], (3, 10, 12))
+def test_imagenet_folders_that_are_not_wnids(tmp_path):
+    write_fake_imagenet(tmp_path, wnids=(ZEBRA, "zebra_extra"), n_train=0, n_val=1)
+    with pytest.raises(DataLayoutError, match=r"not ILSVRC-2012 wnids \(e.g. \['zebra_extra'\]\)") as err:
+        ImageNetDataModule(str(tmp_path))
+    assert "Remove them" in str(err.value) and "data.label_map=folders" in str(err.value)
+    dm = ImageNetDataModule(str(tmp_path), image_size=8, label_map="folders")  # the custom reading, on request
+    assert dm.num_classes == 2
+    custom = tmp_path / "custom"
+    write_fake_imagenet(custom, wnids=("cat", "dog"), n_train=1, n_val=1)  # a custom set: auto reads folders
+    dm = ImageNetDataModule(str(custom), image_size=8)
+    assert dm.label_map == "folders" and dm.num_classes == 2 and dm.wnids == ["cat", "dog"]
+    with pytest.raises(ConfigError, match="label_map must be one of"):
+        ImageNetDataModule(str(custom), label_map="wnid")
 
 
 def test_imagenet_classes_subset_keeps_the_full_indices(tmp_path):
     w = write_fake_imagenet(tmp_path)
-    dm = ImageNetDataModule(str(tmp_path), image_size=8, classes=[w["wnids"][2]])
+    dm = ImageNetDataModule(str(tmp_path), image_size=8, classes=[w["wnids"][2]], label_map="folders")
     assert dm.num_classes == 3
     ds = dm.dataset("train")
     assert len(ds) == 2 and [ds[i]["label"] for i in range(2)] == [2, 2]
     with pytest.raises(ConfigError, match="n99999999"):
         ImageNetDataModule(str(tmp_path), classes=["n99999999"])
+    shutil.rmtree(tmp_path / "val" / w["wnids"][2])
+    with pytest.raises(DataLayoutError, match=f"{w['wnids'][2]}.*val"):  # in train/ only
+        ImageNetDataModule(str(tmp_path), classes=[w["wnids"][2]]).dataset("val")
 
 
 def test_imagenet_val_only_root(tmp_path):
     write_fake_imagenet(tmp_path)
     shutil.rmtree(tmp_path / "train")
     dm = ImageNetDataModule(str(tmp_path), image_size=8)
-    assert dm.num_classes == 3 and len(dm.dataset("test")) == 3
+    assert dm.num_classes == 1000 and len(dm.dataset("test")) == 3
     with pytest.raises(DataLayoutError, match="train"):
         dm.dataset("train")
 
@@ -299,7 +353,7 @@ def test_waterbirds_missing_metadata_or_column(tmp_path):
 # -- SpuCoAnimals ----------------------------------------------------------------------------------
 def test_spuco_animals_labels_groups_and_order(tmp_path):
     w = write_fake_spuco_animals(tmp_path, size=(12, 10))
-    dm = SpuCoAnimalsDataModule(str(tmp_path), image_size=None)
+    dm = SpuCoAnimalsDataModule(str(tmp_path), image_size=None, check_counts=False)
     assert (dm.num_classes, dm.num_groups) == (4, 8)
     assert dm.class_names == ["landbird", "waterbird", "small_dog", "big_dog"]
     assert dm.group_names[3] == "waterbird_water" and dm.group_names[5] == "small_dog_outdoor"
@@ -313,7 +367,56 @@ def test_spuco_animals_labels_groups_and_order(tmp_path):
             assert (item["label"], item["group"]) == (label, group)
             assert_color(item["image"], k)
     assert dm.train_group_counts().tolist() == [2, 1, 1, 2, 2, 1, 1, 2]
-    check_image(SpuCoAnimalsDataModule(str(tmp_path)).dataset("val")[0]["image"], (3, 224, 224))
+    check_image(SpuCoAnimalsDataModule(str(tmp_path), check_counts=False).dataset("val")[0]["image"], (3, 224, 224))
+
+
+# spuco 2.0.3 (spuco_birds.py / spuco_dogs.py): MAJORITY_SIZE / MINORITY_SIZE per split; the majority folders
+# are landbirds/land, waterbirds/water, small_dogs/indoor, big_dogs/outdoor
+SPUCO_SIZES = {"train": (10000, 500), "val": (500, 25), "test": (500, 500)}
+SPUCO_MAJORITY = ("landbirds/land", "waterbirds/water", "small_dogs/indoor", "big_dogs/outdoor")
+
+
+def spuco_folders(root, split):
+    return [root / d / split / c / b for d, c, b in
+            [("spuco_birds", c, b) for c in ("landbirds", "waterbirds") for b in ("land", "water")]
+            + [("spuco_dogs", c, b) for c in ("small_dogs", "big_dogs") for b in ("indoor", "outdoor")]]
+
+
+def test_spuco_animals_folder_sizes_are_checked_as_spuco_does(tmp_path):
+    write_fake_spuco_animals(tmp_path)  # 1-2 images per folder
+    dm = SpuCoAnimalsDataModule(str(tmp_path), image_size=8)
+    with pytest.raises(DataLayoutError, match=r"landbirds/land' holds 2 images; spuco 2.0.3 has 10000 there") as err:
+        dm.dataset("train")
+    assert "Re-extract" in str(err.value) and "data.check_counts=false" in str(err.value)
+    with pytest.raises(DataLayoutError, match="holds 2 images"):
+        dm.train_group_counts()
+    # the val split at spuco's sizes (empty files: the sizes are checked before any image is opened)
+    for folder in spuco_folders(tmp_path, "val"):
+        for f in folder.iterdir():
+            f.unlink()
+        major, minor = SPUCO_SIZES["val"]
+        n = major if "/".join(folder.parts[-2:]) in SPUCO_MAJORITY else minor
+        for i in range(n):
+            (folder / f"{i}.jpg").touch()
+    ds = dm.dataset("val")
+    assert len(ds) == 4 * 500 + 4 * 25
+    (spuco_folders(tmp_path, "val")[1] / "7.jpg").unlink()  # landbirds/water: 24 of 25
+    with pytest.raises(DataLayoutError, match=r"landbirds/water' holds 24 images; spuco 2.0.3 has 25 there"):
+        SpuCoAnimalsDataModule(str(tmp_path), image_size=8).dataset("val")
+
+
+@pytest.mark.parametrize("check_counts", [True, False])
+def test_spuco_animals_entries_that_are_not_images_are_errors(tmp_path, check_counts):
+    """spuco counts every entry of a folder: a stray file fails its size check; here it is named, never skipped."""
+    write_fake_spuco_animals(tmp_path)
+    folder = tmp_path / "spuco_dogs" / "test" / "small_dogs" / "indoor"
+    (folder / "notes.txt").write_text("x")
+    (folder / "3.jpeg.part").write_bytes(b"")
+    dm = SpuCoAnimalsDataModule(str(tmp_path), image_size=8, check_counts=check_counts)
+    with pytest.raises(DataLayoutError, match=r"small_dogs/indoor' holds 2 entries that are not an image file "
+                                              r"\(3\.jpeg\.part, notes\.txt;") as err:
+        dm.dataset("test")
+    assert "move them out of the dataset folder" in str(err.value)
 
 
 def test_spuco_animals_missing_folder(tmp_path):

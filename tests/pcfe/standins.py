@@ -59,4 +59,5 @@ def fake_spuco_animals(root: str, **kwargs):
 
     if not (Path(root) / "spuco_birds").exists():
         write_fake_spuco_animals(root)
+    kwargs["check_counts"] = False  # a few images per folder, not spuco's sizes (the config says true)
     return SpuCoAnimalsDataModule(root, **kwargs)
