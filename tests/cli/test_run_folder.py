@@ -103,6 +103,18 @@ def test_fingerprint_leaves_out_what_does_not(tiny_pipeline_dir, tmp_path, chang
     assert not _fp_diff(tiny_pipeline_dir, tmp_path, change)
 
 
+def test_fingerprint_is_committed_right_before_the_writer_writes(tiny_pipeline_dir, tmp_path):
+    from equidiff.callbacks import SampleWriter
+    from equidiff.cli import build
+    from equidiff.utils.runs import FingerprintCommit
+
+    _, _, trainer = build(compose_cfg(_args(tiny_pipeline_dir, tmp_path)))
+    kinds = [type(c) for c in trainer.callbacks]
+    # Lightning calls on_predict_batch_end in this order
+    assert kinds.index(FingerprintCommit) < kinds.index(SampleWriter)
+    assert not (tmp_path / "fingerprint.yaml").exists(), "building writes nothing"
+
+
 def test_resume_with_another_precision_is_refused(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "out"
     run(compose_cfg(_args(tiny_pipeline_dir, out)), "predict")

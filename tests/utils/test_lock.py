@@ -104,25 +104,39 @@ def test_heartbeat_keeps_the_lock_fresh(tmp_path):
         assert time.time() - path.stat().st_mtime < 100
 
 
-def _race(folder, barrier, results):
+def _race(folder, rank, start, done, results):
+    import equidiff.utils.lock as lock_module
+
+    fs_now, take_over = lock_module._fs_now, FolderLock._take_over
+
+    def slow_fs_now(folder):  # a slow shared filesystem: every racer judges the lock stale before any takes it
+        time.sleep(0.1)
+        return fs_now(folder)
+
+    def late_take_over(self, *args):  # racers act on their (by then old) judgement one after the other
+        time.sleep(0.4 * rank)
+        return take_over(self, *args)
+
+    lock_module._fs_now, FolderLock._take_over = slow_fs_now, late_take_over
+    start.wait(timeout=60)
     try:
         lock = FolderLock(folder, stale_after=60).acquire()
         results.put("won")
     except FolderBusy:
         lock = None
         results.put("refused")
-    barrier.wait(timeout=60)  # hold until every racer has tried
+    done.wait(timeout=60)  # hold until every racer has tried
     if lock is not None:
         lock.release()
 
 
 def test_two_runs_cannot_both_take_one_stale_lock(tmp_path):
     ctx = mp.get_context("fork")
-    for _ in range(3):
+    n = 4
+    for _ in range(2):
         _write_lock(tmp_path, age_s=1000, host="node-elsewhere", pid=1)
-        n = 4
-        barrier, results = ctx.Barrier(n), ctx.Queue()
-        procs = [ctx.Process(target=_race, args=(tmp_path, barrier, results)) for _ in range(n)]
+        start, done, results = ctx.Barrier(n), ctx.Barrier(n), ctx.Queue()
+        procs = [ctx.Process(target=_race, args=(tmp_path, i, start, done, results)) for i in range(n)]
         for p in procs:
             p.start()
         outcomes = sorted(results.get(timeout=60) for _ in range(n))
