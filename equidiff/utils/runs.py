@@ -247,6 +247,8 @@ class RunFolder:
             revert = failed and not self.wrote_result()
             if revert:
                 self._revert()
+        except OSError as e:  # never hide the error that made the run fail
+            log.warning("could not restore %s as it was before this run: %s", self.path, e)
         finally:
             self.lock.release()
             if revert:
@@ -256,8 +258,10 @@ class RunFolder:
         new = self._entries() - self.before
         for name in self.BOOKKEEPING:
             if name == "config.yaml" and self.old_config is not None:
-                if (self.path / name).read_bytes() != self.old_config:
-                    atomic_write_bytes(self.path / name, self.old_config)
+                with contextlib.suppress(FileNotFoundError):
+                    if (self.path / name).read_bytes() == self.old_config:
+                        continue
+                atomic_write_bytes(self.path / name, self.old_config)
             elif name in new:
                 (self.path / name).unlink()
         for d in sorted((e for e in new if e.endswith("/")), key=len, reverse=True):
