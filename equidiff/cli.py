@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"equidiff: unknown verb {verb!r}; choose one of {', '.join(VERBS)}\n\n{USAGE}")
 
     _check_experiment(argv[1:])
+    _check_override_keys(argv[1:])
     import hydra
 
     original_argv = list(sys.argv)
@@ -92,17 +93,22 @@ def _check_experiment(overrides: list[str]) -> None:
                                  + "\n  ".join(experiments()))
 
 
+def _check_override_keys(args: list[str]) -> None:
+    """A ``key=value`` of a key no config has names the nearest key (Hydra would advise ``+key=value``)."""
+    from equidiff.utils.config_check import unknown_override_keys
+
+    msg = unknown_override_keys(args, str(conf_dir()))
+    if msg:
+        raise SystemExit(f"equidiff: error: {msg}")
+
+
 # --------------------------------------------------------------------------- the job
 
 
-def _is_rank_zero() -> bool:
-    from lightning.pytorch.utilities import rank_zero_only
+def _check_multirun(cfg) -> bool:
+    """Hydra -m with in-process DDP re-launches the whole sweep in every child: refuse it.
 
-    return getattr(rank_zero_only, "rank", 0) == 0
-
-
-def _check_multirun(cfg) -> None:
-    """Hydra -m with in-process DDP re-launches the whole sweep in every child: refuse it."""
+    Returns whether the run's folder is the sweep job's own folder (Hydra created it for this run)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from lightning.fabric.plugins.environments import SLURMEnvironment
@@ -110,7 +116,7 @@ def _check_multirun(cfg) -> None:
     from equidiff.errors import ConfigError
 
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
-        return
+        return False
     hc = HydraConfig.get()
     strategy = str(cfg.trainer.get("strategy", "auto"))
     devices = cfg.trainer.get("devices", 1)
@@ -121,27 +127,32 @@ def _check_multirun(cfg) -> None:
     # every job of a sweep writes to its own sweep folder unless the sweep sets paths.output_dir itself
     if not any(o.startswith("paths.output_dir=") for o in hc.overrides.task):
         cfg.paths.output_dir = hc.runtime.output_dir
-
-
-def _remove_if_empty(path: Path) -> None:
-    try:
-        path.rmdir()  # only succeeds on an empty folder: never removes anything written
-    except OSError:
-        pass
+        return True
+    return False
 
 
 def build(cfg):
-    """Instantiate DataModule, method, callbacks, loggers and Trainer from a composed config."""
+    """Instantiate DataModule, method, callbacks, loggers and Trainer from a composed config.
+
+    Checked first: every ``_target_`` node holds only its target's parameters; then, once the method is built,
+    its chains' step counts against its diffusion model. ``fingerprint.yaml`` is written by a callback, put
+    first, right before the first result (``equidiff.utils.runs.FingerprintCommit``).
+    """
     from hydra.utils import instantiate
 
     from equidiff.errors import ConfigError
+    from equidiff.utils.config_check import check_chain_steps, check_targets
+    from equidiff.utils.runs import FingerprintCommit
 
     for key in ("method", "data", "trainer"):
         if cfg.get(key) is None:
             raise ConfigError(f"no {key} configured: pick an experiment (experiment=digits/sample) or set {key}=...")
+    check_targets(cfg)
     datamodule = _instantiate(instantiate, cfg.data)
     model = _instantiate(instantiate, cfg.method)
-    callbacks = [_instantiate(instantiate, c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    check_chain_steps(cfg, model)
+    callbacks = [FingerprintCommit(cfg)]
+    callbacks += [_instantiate(instantiate, c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers = [_instantiate(instantiate, c) for c in (cfg.get("logger") or {}).values() if c is not None]
     trainer = _instantiate(instantiate, cfg.trainer, callbacks=callbacks, logger=loggers or False)
     return datamodule, model, trainer
@@ -167,16 +178,23 @@ def _instantiate(instantiate, node, **kwargs):
 
 
 def run(cfg, verb: str):
-    """Run ``trainer.<verb>`` for a composed config; return what the verb returns (metrics for test)."""
+    """Run ``trainer.<verb>`` for a composed config; return what the verb returns (metrics for test).
+
+    The order makes bad input cheap and harmless: config checks and building (nothing written), then the
+    launching process takes the folder (``RunFolder``: a lock a second run meets), re-checks that a predict
+    resumes a folder of its own configuration, and only then writes. A run that fails before its first result
+    leaves the folder as it found it. DDP ranks > 0 (children of the same job) neither lock nor clean up.
+    """
     import lightning as L
     from omegaconf import OmegaConf
 
     from equidiff.errors import ConfigError
-    from equidiff.utils.runs import check_resume_compatible, save_run_config
+    from equidiff.utils.lock import launching_process
+    from equidiff.utils.runs import FingerprintCommit, RunFolder, check_resume_compatible, save_run_config
 
-    output_dir = Path(cfg.paths.output_dir)
+    output_dir, sweep_job_folder = Path(cfg.paths.output_dir), False
     try:
-        _check_multirun(cfg)
+        sweep_job_folder = _check_multirun(cfg)
         output_dir = Path(cfg.paths.output_dir)
         if cfg.get("verbs") and verb not in cfg.verbs:
             raise ConfigError(f"this experiment ({cfg.task_name}) is meant for `equidiff {'|'.join(cfg.verbs)}`, "
@@ -184,34 +202,48 @@ def run(cfg, verb: str):
         if cfg.get("seed") is not None:
             L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         if verb == "predict":
-            check_resume_compatible(cfg, output_dir)
+            check_resume_compatible(cfg, output_dir)  # early, to fail before the (long) build
         datamodule, model, trainer = build(cfg)
     except BaseException:
-        _remove_if_empty(output_dir)
+        if sweep_job_folder and launching_process():
+            _remove_if_empty(output_dir)  # the empty job folder Hydra made for this run
         raise
-    handler = None
-    if _is_rank_zero():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_run_config(cfg, output_dir)
-        handler = logging.FileHandler(output_dir / "equidiff.log")
-        handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
-        logging.getLogger().addHandler(handler)
-        log.info("equidiff %s: output in %s", verb, output_dir.resolve())
-        log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
-    kwargs = {"model": model, "datamodule": datamodule}
-    if cfg.get("ckpt_path"):
-        kwargs["ckpt_path"] = cfg.ckpt_path
-    if verb == "predict":
-        kwargs["return_predictions"] = False
+    folder = RunFolder(output_dir, made_for_this_run=sweep_job_folder).open() if launching_process() else None
+    handler, failed = None, True
     try:
+        if folder is not None:
+            if verb == "predict":
+                check_resume_compatible(cfg, output_dir)  # again, now that no other run can write here
+            save_run_config(cfg, output_dir)
+            handler = logging.FileHandler(output_dir / "equidiff.log")
+            handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+            logging.getLogger().addHandler(handler)
+            log.info("equidiff %s: output in %s", verb, output_dir.resolve())
+            log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
+        kwargs = {"model": model, "datamodule": datamodule}
+        if cfg.get("ckpt_path"):
+            kwargs["ckpt_path"] = cfg.ckpt_path
+        if verb == "predict":
+            kwargs["return_predictions"] = False
         result = getattr(trainer, verb)(**kwargs)
-        if _is_rank_zero():
+        if folder is not None:
+            next(c for c in trainer.callbacks if isinstance(c, FingerprintCommit)).commit()
             _report(verb, output_dir)
+        failed = False
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
             handler.close()
+        if folder is not None:
+            folder.close(failed)
     return result
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()  # only succeeds on an empty folder: never removes anything written
+    except OSError:
+        pass
 
 
 def _report(verb: str, output_dir: Path) -> None:

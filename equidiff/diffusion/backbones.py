@@ -194,10 +194,33 @@ def _resolve(path: str) -> tuple[str, bool]:
         "<id> --local-dir <folder>`), then point diffusion.path at the folder.")
 
 
+_SHAPE_MISMATCH = re.compile(r"because (\S+) expected shape torch\.Size\((\[.*?\])\), but got torch\.Size\((\[.*?\])\)")
+
+
+def _weights_source(cls, path: str, is_local: bool, subfolder: str | None) -> tuple[str, str]:
+    """(the weight file, the architecture) to name in a mismatch error."""
+    if not is_local:
+        return f"{path} (hub, subfolder={subfolder})", f"the {cls.__name__} of its config.json"
+    folder = Path(path) / (subfolder or "")
+    files = sorted(folder.glob("diffusion_pytorch_model*.safetensors")) or sorted(folder.glob("*.bin"))
+    return str(files[0]) if len(files) == 1 else str(folder), f"the {cls.__name__} of {folder / 'config.json'}"
+
+
 def _from_pretrained(cls, path: str, is_local: bool, **kwargs):
+    from diffusers import ModelMixin
+
+    from equidiff.utils.weights import mismatch_error
+
+    is_model = issubclass(cls, ModelMixin)
+    if is_model:  # missing / unexpected keys (after diffusers' own key renames) are an error, not meta tensors
+        kwargs["output_loading_info"] = True
     try:
-        return cls.from_pretrained(path, **kwargs)
+        out = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:  # hub errors subclass OSError
+        if is_model and (m := _SHAPE_MISMATCH.search(str(e))):
+            shapes = [tuple(json.loads(s)) for s in m.groups()[1:]]
+            raise mismatch_error(*_weights_source(cls, path, is_local, kwargs.get("subfolder")),
+                                 mismatched=[(m.group(1), *shapes)]) from e
         if is_local:
             raise ConfigError(f"could not load {cls.__name__} from {path!r} "
                               f"(subfolder={kwargs.get('subfolder')}): {e}") from e
@@ -208,6 +231,17 @@ def _from_pretrained(cls, path: str, is_local: bool, **kwargs):
             "is internet "
             f"(`huggingface-cli download {path} --local-dir <folder>`) and set diffusion.path=<folder>. "
             f"Original error: {e}") from e
+    if not is_model:
+        return out
+    model, info = out
+    err = mismatch_error(*_weights_source(cls, path, is_local, kwargs.get("subfolder")),
+                         missing=info.get("missing_keys", ()), unexpected=info.get("unexpected_keys", ()),
+                         # diffusers lists (key, shape in the file, shape of the model)
+                         mismatched=[(k, model_shape, file_shape)
+                                     for k, file_shape, model_shape in info.get("mismatched_keys", ())])
+    if err is not None:
+        raise err
+    return model
 
 
 def _subfolders(path: str, is_local: bool, component: str) -> tuple[str | None, str | None]:

@@ -41,7 +41,7 @@ def test_unknown_experiment(tmp_path, capsys):
 
 def test_unknown_override(tmp_path, capsys):
     msg = _bad(tmp_path, capsys, ["predict", "experiment=digits/sample", "sampler.num_stepz=3"])
-    assert "num_stepz" in msg and "+sampler.num_stepz" in msg  # Hydra names the fix (append with +)
+    assert "num_stepz" in msg and "did you mean 'sampler.num_steps'" in msg  # the nearest key, not Hydra's "+"
 
 
 def test_missing_weights_folder(tmp_path, capsys):
