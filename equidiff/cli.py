@@ -66,9 +66,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"equidiff: error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
+    from equidiff.utils.distributed import launcher_watch
+
     sys.argv[:] = [original_argv[0], *argv[1:]]
     try:
-        _task()
+        with launcher_watch():  # DDP ranks that Lightning starts as subprocesses end when this process ends
+            _task()
     finally:
         sys.argv[:] = original_argv
 
@@ -173,6 +176,7 @@ def run(cfg, verb: str):
 
     from equidiff.errors import ConfigError
     from equidiff.utils.runs import check_resume_compatible, save_run_config
+    from equidiff.utils.signals import stop_on_signals
 
     output_dir = Path(cfg.paths.output_dir)
     try:
@@ -204,7 +208,8 @@ def run(cfg, verb: str):
     if verb == "predict":
         kwargs["return_predictions"] = False
     try:
-        result = getattr(trainer, verb)(**kwargs)
+        with stop_on_signals(trainer, verb, output_dir):  # SIGTERM/SIGUSR1: save, say so, exit 128+signum
+            result = getattr(trainer, verb)(**kwargs)
         if _is_rank_zero():
             _report(verb, output_dir)
     finally:
