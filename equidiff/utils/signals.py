@@ -203,10 +203,27 @@ class StopOnSignal(Callback):
         return f"equidiff: stopped by {name} {what} (exit status {exit_status(stopped.signum)} = 128 + {name})"
 
 
+def refuse_hpc_checkpoints(trainer) -> None:
+    """Under SLURM, Lightning loads the newest ``hpc_ckpt_*.ckpt`` in ``default_root_dir`` by itself whenever no
+    ``ckpt_path`` is given, predict included (the model's weights replaced by the checkpoint's). equidiff never
+    writes them, so one found there comes from elsewhere (an older equidiff, another tool): refuse to run."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from equidiff.errors import ConfigError
+
+    root = Path(trainer.default_root_dir)
+    found = sorted(root.glob("hpc_ckpt_*.ckpt")) if SLURMEnvironment.detect() else []
+    if found:
+        raise ConfigError(f"{root} holds Lightning HPC checkpoints ({', '.join(p.name for p in found)}), which "
+                          "Lightning would load on SLURM in place of the model you configured; equidiff does not "
+                          "write or use them (a fit resumes from checkpoints/last.ckpt). Delete or move them")
+
+
 @contextlib.contextmanager
 def stop_on_signals(trainer, verb: str, output_dir: str | Path) -> Iterator[StopOnSignal]:
     """Run ``trainer.<verb>`` inside this: SIGTERM / SIGUSR1 end it as the module docstring says (a ``SystemExit``
     with 128 + signum leaves this block). Outside the main thread (no signal handlers there) it does nothing."""
+    refuse_hpc_checkpoints(trainer)
     cb = StopOnSignal(verb, output_dir)
     if threading.current_thread() is not threading.main_thread():
         yield cb

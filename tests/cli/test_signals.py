@@ -145,8 +145,8 @@ def _fake_slurm(tmp_path: Path) -> dict:
 # --------------------------------------------------------------------------- fit
 
 
-def _stopped_fit(tmp_path: Path, signum: str, env: dict | None = None) -> tuple[Path, str]:
-    proc = _start(_fit_args(tmp_path, *_signal_after(3, signum, "train")), tmp_path, env=env)
+def _stopped_fit(tmp_path: Path, signum: str, *extra: str, env: dict | None = None) -> tuple[Path, str]:
+    proc = _start(_fit_args(tmp_path, *extra, *_signal_after(3, signum, "train")), tmp_path, env=env)
     code, _, err = _finish(proc)
     assert code == 128 + getattr(signal, signum), err[-3000:]
     ckpt = tmp_path / "fit" / "checkpoints" / "last.ckpt"
@@ -172,6 +172,13 @@ def test_sigusr1_under_slurm_stops_fit_with_last_ckpt_and_no_hpc_checkpoint(tmp_
     _, err = _stopped_fit(tmp_path, "SIGUSR1", env=_fake_slurm(tmp_path))
     assert "exit status 138" in err
     assert not list(tmp_path.rglob("hpc_ckpt*")) and not (tmp_path / "scontrol.log").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sigterm_stops_fit_on_a_gpu(tmp_path):
+    """The ranks' stop decision is reduced in a tensor on the strategy's device (NCCL reduces CUDA tensors only)."""
+    _stopped_fit(tmp_path, "SIGTERM", "trainer=gpu")
 
 
 # --------------------------------------------------------------------------- predict

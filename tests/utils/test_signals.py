@@ -10,6 +10,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from equidiff.cli import run
@@ -86,3 +87,19 @@ def test_forwarding_to_the_ranks_started_here_and_to_the_launcher(monkeypatch):
         for p in (down, up):
             if p.poll() is None:
                 p.kill()
+
+
+def test_leftover_hpc_checkpoints_are_refused_under_slurm(tmp_path, tiny_pipeline_dir, monkeypatch):
+    """Lightning would load them on SLURM in place of the configured model (predict included)."""
+    from equidiff.errors import ConfigError
+
+    cfg = _predict(tmp_path, tiny_pipeline_dir, "none")
+    (tmp_path / "out").mkdir()
+    torch.save({"state_dict": {}}, tmp_path / "out" / "hpc_ckpt_1.ckpt")
+    for k, v in dict(SLURM_JOB_ID="1", SLURM_JOB_NAME="equidiff-test", SLURM_NTASKS="1", SLURM_NTASKS_PER_NODE="1",
+                     SLURM_NNODES="1", SLURM_NODELIST="localhost", SLURM_PROCID="0", SLURM_LOCALID="0",
+                     SLURM_NODEID="0").items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match="hpc_ckpt_1.ckpt.*Delete or move them"):
+        run(cfg, "predict")
+    assert not (tmp_path / "out" / "samples").exists()
