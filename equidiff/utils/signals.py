@@ -134,9 +134,12 @@ class StopOnSignal(Callback):
     def _fit_stop_point(self, trainer, *, last: bool = False) -> None:
         import torch
 
-        # the largest signal number any rank recorded (0: none); every rank calls this at the same point
-        mine = torch.tensor(float(self.signum or 0), device=trainer.strategy.root_device)
-        signum = int(trainer.strategy.reduce(mine, reduce_op="max").item())
+        signum = self.signum or 0
+        if trainer.world_size > 1:
+            # the largest signal number any rank recorded (0: none); every rank calls this at the same point. On
+            # the strategy's device (NCCL reduces CUDA tensors only); Lightning syncs once per step under DDP too
+            mine = torch.tensor(float(signum), device=trainer.strategy.root_device)
+            signum = int(trainer.strategy.reduce(mine, reduce_op="max").item())
         if last:
             self.phase = "finished"
         if not signum:

@@ -177,7 +177,7 @@ def test_sigusr1_under_slurm_stops_fit_with_last_ckpt_and_no_hpc_checkpoint(tmp_
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_sigterm_stops_fit_on_a_gpu(tmp_path):
-    """The ranks' stop decision is reduced in a tensor on the strategy's device (NCCL reduces CUDA tensors only)."""
+    """Stop and checkpoint with the model on a CUDA device (the checkpoint holds CUDA tensors' values)."""
     _stopped_fit(tmp_path, "SIGTERM", "trainer=gpu")
 
 
