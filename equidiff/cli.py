@@ -67,9 +67,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"equidiff: error: {e}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 
+    from equidiff.utils.distributed import launcher_watch
+
     sys.argv[:] = [original_argv[0], *argv[1:]]
     try:
-        _task()
+        with launcher_watch():  # DDP ranks that Lightning starts as subprocesses end when this process ends
+            _task()
     finally:
         sys.argv[:] = original_argv
 
@@ -191,6 +194,7 @@ def run(cfg, verb: str):
     from equidiff.errors import ConfigError
     from equidiff.utils.lock import launching_process
     from equidiff.utils.runs import FingerprintCommit, RunFolder, check_resume_compatible, save_run_config
+    from equidiff.utils.signals import stop_on_signals
 
     output_dir, sweep_job_folder = Path(cfg.paths.output_dir), False
     try:
@@ -225,7 +229,8 @@ def run(cfg, verb: str):
             kwargs["ckpt_path"] = cfg.ckpt_path
         if verb == "predict":
             kwargs["return_predictions"] = False
-        result = getattr(trainer, verb)(**kwargs)
+        with stop_on_signals(trainer, verb, output_dir):  # SIGTERM/SIGUSR1: save, say so, exit 128+signum
+            result = getattr(trainer, verb)(**kwargs)
         if folder is not None:
             next(c for c in trainer.callbacks if isinstance(c, FingerprintCommit)).commit()
             _report(verb, output_dir)

@@ -9,26 +9,37 @@ export WANDB_MODE=${WANDB_MODE:-offline}
 export PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-8}
 
-# Requeue on the time-limit signal (#SBATCH --signal=B:USR1@<seconds>): the requeued job re-runs this
-# script, and every step resumes (predict skips samples already written; fit resumes from last.ckpt).
-# equidiff does not rely on Lightning's HPC checkpoints for progress.
+# Requeue on the time-limit signal (#SBATCH --signal=B:USR1@<seconds>): stop the running step with SIGTERM and
+# wait for it (fit saves <output_dir>/checkpoints/last.ckpt; predict keeps the samples written), then requeue.
+# The requeued job re-runs this script and every step resumes (fit from last.ckpt, predict skips the written
+# samples). equidiff never writes Lightning's HPC checkpoints (hpc_ckpt_*.ckpt) and never requeues by itself;
+# a step that got the signal itself (--signal=USR1@... without B:) ends with status 138 (128 + SIGUSR1), and
+# is requeued the same way. Any other failure ends the job.
 STEP_PID=""
 requeue() {
-  echo "equidiff: time limit near, requeueing job ${SLURM_JOB_ID:-?}"
+  echo "equidiff: time limit near, stopping the step and requeueing job ${SLURM_JOB_ID:-?}"
+  if [ -n "$STEP_PID" ]; then
+    kill -TERM "$STEP_PID" 2>/dev/null || true
+    wait "$STEP_PID" || true  # the step saves what it can and ends with 143 (128 + SIGTERM)
+  fi
   if [ -n "${SLURM_JOB_ID:-}" ]; then scontrol requeue "$SLURM_JOB_ID"; fi
-  # stop the running step now (samples already written stay; the requeued job resumes after them)
-  if [ -n "$STEP_PID" ]; then kill -TERM "$STEP_PID" 2>/dev/null || true; fi
   exit 0
 }
 trap requeue USR1
 
-# one process per GPU, started by srun (Lightning's SLURM environment sets up DDP from it);
-# run in the background and `wait`, so the shell can take the signal while srun runs
+# one process per GPU, started by srun (Lightning's SLURM environment sets up DDP from it); run in the
+# background and `wait`, so the shell can take the signal while srun runs. --kill-on-bad-exit: a task that
+# fails (an exception, an out-of-memory kill) ends the whole step at once, instead of leaving the other
+# ranks waiting for it in a collective (after a stop by signal too: a fit's ranks have saved together by
+# then; a predict rank still in its batch loses that batch, not the samples written).
 step() {
-  srun "$@" &
+  srun --kill-on-bad-exit=1 "$@" &
   STEP_PID=$!
-  wait "$STEP_PID"
+  local status=0
+  wait "$STEP_PID" || status=$?
   STEP_PID=""
+  if [ "$status" -eq 138 ]; then requeue; fi
+  return "$status"
 }
 
 # the trainer for `srun`: ddp over all tasks of the allocation (TRAINER=gpu for a single task)

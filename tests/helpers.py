@@ -78,3 +78,43 @@ class WaitForFile(Callback):
             if time.monotonic() - start > self.timeout:
                 raise TimeoutError(f"{self.path} did not appear")
             time.sleep(0.1)
+
+
+class SignalAfterBatches(Callback):
+    """Send a real signal after ``n`` batches of ``stage`` ("train" or "predict") on global rank ``rank``:
+    to this process, or with ``group=True`` to its whole process group (as SLURM signals every task)."""
+
+    def __init__(self, n: int, signum: str = "SIGTERM", stage: str = "predict", rank: int = 0, group: bool = False):
+        self.n, self.signum, self.stage, self.rank, self.group = n, signum, stage, rank, group
+        self.seen = 0
+
+    def _batch_end(self, trainer) -> None:
+        import signal
+
+        self.seen += 1
+        if self.seen == self.n and trainer.global_rank == self.rank:
+            signum = getattr(signal, self.signum)
+            if self.group:
+                os.killpg(os.getpgrp(), signum)
+            else:
+                os.kill(os.getpid(), signum)
+
+    def on_train_batch_end(self, trainer, *args, **kwargs):
+        if self.stage == "train":
+            self._batch_end(trainer)
+
+    def on_predict_batch_end(self, trainer, *args, **kwargs):
+        if self.stage == "predict":
+            self._batch_end(trainer)
+
+
+class StepLog(Callback):
+    """Append ``global_step`` at every training-batch start to ``path`` (one line per batch)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def on_train_batch_start(self, trainer, *args, **kwargs):
+        if trainer.is_global_zero:
+            with open(self.path, "a") as f:
+                f.write(f"{trainer.global_step}\n")

@@ -24,11 +24,13 @@ def test_script_headers(name):
     assert "step equidiff" in text and "source slurm/_common.sh" in text
 
 
-def _fake_bin(tmp_path: Path, srun_body: str) -> Path:
+def _fake_bin(tmp_path: Path, srun_body: str, log: str = "scontrol.log") -> Path:
+    """A fake ``srun`` (logs its options to srun.log, drops them, then runs ``srun_body``) and ``scontrol``."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f"#!/bin/bash\n{srun_body}\n")
-    (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"$@\" >> {tmp_path}/scontrol.log\n")
+    (bin_dir / "srun").write_text(f"#!/bin/bash\nwhile [[ $1 == --* ]]; do echo \"$1\" >> {tmp_path}/srun.log; shift; "
+                                  f"done\n{srun_body}\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/bash\necho \"$@\" >> {tmp_path}/{log}\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     return bin_dir
@@ -62,3 +64,41 @@ def test_time_limit_signal_requeues_the_job(tmp_path):
     assert proc.returncode == 0, out
     assert "requeueing job 4242" in out
     assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+
+
+def test_srun_ends_the_step_when_a_task_fails(tmp_path):
+    bin_dir = _fake_bin(tmp_path, "exit 0")
+    r = subprocess.run(["bash", str(REPO / "slurm" / "ace.sh")], env=_env(bin_dir), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "--kill-on-bad-exit=1" in (tmp_path / "srun.log").read_text().split()
+
+
+def test_time_limit_signal_lets_the_step_save_before_the_requeue(tmp_path):
+    """The step gets SIGTERM and the script waits for it to save (equidiff: last.ckpt, the samples written)
+    before it requeues the job."""
+    step = (f"trap 'sleep 1; echo saved >> {tmp_path}/events.log; exit 143' TERM\n"
+            f"echo started >> {tmp_path}/events.log\nwhile true; do sleep 0.1; done")
+    bin_dir = _fake_bin(tmp_path, step, log="events.log")
+    proc = subprocess.Popen(["bash", str(REPO / "slurm" / "ace.sh")], env=_env(bin_dir), cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while not (tmp_path / "events.log").exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert (tmp_path / "events.log").read_text().split("\n")[:3] == ["started", "saved", "requeue 4242"]
+
+
+@pytest.mark.parametrize("status", [138, 1])
+def test_a_step_stopped_by_sigusr1_itself_requeues_the_job(tmp_path, status):
+    """With --signal=USR1@... (no B:) the tasks get the signal: equidiff stops with 138 = 128 + SIGUSR1, and the
+    job requeues itself. Any other failure ends the job with it."""
+    bin_dir = _fake_bin(tmp_path, f"exit {status}")
+    r = subprocess.run(["bash", str(REPO / "slurm" / "ace.sh")], env=_env(bin_dir), cwd=tmp_path, capture_output=True,
+                       text=True, timeout=60)
+    if status == 138:
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    else:
+        assert r.returncode == status and not (tmp_path / "scontrol.log").exists()

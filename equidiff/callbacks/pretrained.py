@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
+
+from equidiff.utils.io import temp_dir_beside
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,7 @@ class SavePretrained(Callback):
         trainer.strategy.barrier("equidiff_save_pretrained")
 
     def save(self, pl_module) -> Path:
-        self.dirpath.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=self.dirpath.parent, prefix=f".{self.dirpath.name}."))
+        tmp = temp_dir_beside(self.dirpath)  # the umask's folder mode (mkdtemp alone gives 0700)
         try:
             pl_module.save_pretrained(str(tmp))
             old = None

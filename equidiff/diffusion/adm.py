@@ -44,7 +44,6 @@ import inspect
 import json
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -54,6 +53,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention
 
 from equidiff.errors import ConfigError
+from equidiff.utils.io import temp_dir_beside
 
 # ----------------------------------------------------------------------------- the flags
 
@@ -368,8 +368,7 @@ def convert_checkpoint(checkpoint: str | Path, output_dir: str | Path, flags: AD
         raise ConfigError(f"{output_dir} exists; remove it or pass --overwrite")
     state = checkpoint_state_dict(safe_torch_load(checkpoint), str(checkpoint))
     unet = build_unet(state, flags)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
+    tmp = temp_dir_beside(output_dir)  # the umask's folder mode (mkdtemp alone gives 0700)
     try:
         DDPMPipeline(unet=unet, scheduler=scheduler_for(flags)).save_pretrained(tmp)
         (tmp / "adm_flags.json").write_text(json.dumps(asdict(flags), indent=2) + "\n")

@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from equidiff.errors import ConfigError
 from equidiff.methods.classifier_training import ClassifierTraining
 from equidiff.metrics.groups import WorstGroupAccuracy
+from equidiff.utils.io import atomic_write_bytes
 
 
 def _plain(value):
@@ -97,6 +98,5 @@ class GroupClassifierTraining(ClassifierTraining):
         scalars = self._log_groups(self.test_groups, "test")
         scalars["test/acc"] = self.test_acc.compute().item()
         if self.output_dir is not None and self.trainer.is_global_zero:
-            path = Path(self.output_dir)
-            path.mkdir(parents=True, exist_ok=True)
-            (path / "test_metrics.json").write_text(json.dumps(scalars, indent=2) + "\n")
+            atomic_write_bytes(Path(self.output_dir) / "test_metrics.json",
+                               (json.dumps(scalars, indent=2) + "\n").encode())
