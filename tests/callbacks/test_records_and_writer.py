@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from equidiff.callbacks import SampleWriter
+from equidiff.errors import DataLayoutError
 from equidiff.callbacks.records import completed_seeds, quantize, read_records, read_sample, write_sample
 from equidiff.utils import atomic_write, to_uint8
 
@@ -67,7 +68,7 @@ def test_merge_refuses_missing_samples(tmp_path):
     w = SampleWriter(str(tmp_path))
     rec = _record([1, 2])
     write_sample(w.samples_dir, rec, 0)
-    with pytest.raises(RuntimeError, match="1 of 2 samples are missing"):
+    with pytest.raises(DataLayoutError, match="1 of 2 samples are missing"):
         w.merge_samples([1, 2])
     assert not (tmp_path / "samples.npz").exists()
 
@@ -77,5 +78,5 @@ def test_merge_refuses_a_sidecar_under_the_wrong_seed(tmp_path):
     write_sample(w.samples_dir, _record([4]), 0)
     (w.samples_dir / "000004.npz").rename(w.samples_dir / "000008.npz")
     (w.samples_dir / "000004.png").rename(w.samples_dir / "000008.png")
-    with pytest.raises(RuntimeError, match="disagree"):
+    with pytest.raises(DataLayoutError, match="disagree"):
         w.merge_samples([8])
