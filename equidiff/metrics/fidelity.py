@@ -20,7 +20,6 @@ from torch import nn
 
 from equidiff.errors import ConfigError
 from equidiff.metrics.functional import frechet_distance_from_stats, inception_score, precision_recall
-from equidiff.metrics.sample_quality import check_knn_samples
 from equidiff.metrics.reference import (
     FeatureStatistics,
     GatheredFeatures,
@@ -28,6 +27,7 @@ from equidiff.metrics.reference import (
     check_extractor,
     load_reference,
 )
+from equidiff.metrics.sample_quality import check_knn_samples
 
 
 def _reference(reference: Reference | str | os.PathLike) -> Reference:
