@@ -102,7 +102,7 @@ def test_scan_tells_whole_samples_from_damaged_and_half_written_ones(tmp_path):
     for j in range(7):
         write_sample(tmp_path, rec, j)
     (tmp_path / "000001.png").unlink()  # half: the sidecar records a PNG
-    _cut(tmp_path / "000002.png")  # cut short: no IEND, wrong size
+    _cut(tmp_path / "000002.png")  # cut short: no IEND
     _cut(tmp_path / "000003.npz")  # cut short: no zip directory
     (tmp_path / "000004.npz").write_bytes(b"not a zip")
     png5 = tmp_path / "000005.png"
@@ -110,11 +110,14 @@ def test_scan_tells_whole_samples_from_damaged_and_half_written_ones(tmp_path):
     complete, damaged = scan_samples(tmp_path, range(8))  # seed 7: never written, neither complete nor damaged
     assert complete == {0, 6}
     assert sorted(damaged) == [1, 2, 3, 4, 5]
-    size = (tmp_path / "000002.png").stat().st_size
-    assert "000001.png is missing" in damaged[1] and f"000002.png has {size} bytes, its sidecar records" in damaged[2]
+    assert "000001.png is missing (its sidecar 000001.npz records one)" in damaged[1]
+    assert "000002.png is not a whole PNG" in damaged[2]
     assert "000003.npz cannot be read" in damaged[3] and "000004.npz cannot be read" in damaged[4]
     assert "000005.png is not a whole PNG" in damaged[5]
     assert check_sample(tmp_path, 0) == (None, True)
+    for s in (0, 6):  # every PNG lost: the sidecars still say there were images
+        (tmp_path / f"00000{s}.png").unlink()
+    assert scan_samples(tmp_path, [0, 6])[0] == set()
 
 
 def test_a_sample_without_image_is_half_written_when_the_others_have_images(tmp_path):
@@ -139,7 +142,12 @@ def test_reading_a_damaged_sample_names_the_file(tmp_path):
     for j in range(2):
         write_sample(tmp_path, rec, j)
     _cut(tmp_path / "000003.png")
-    with pytest.raises(DataLayoutError, match=r"000003\.png.*truncated.*re-run the same command"):
+    with pytest.raises(DataLayoutError, match=r"000003\.png .* bytes, its sidecar records .* re-run the same command"):
+        read_sample(tmp_path, 3)
+    side = dict(np.load(tmp_path / "000003.npz"))  # an old-format sidecar, which records no PNG size
+    side.pop(PNG_BYTES_KEY)
+    np.savez(tmp_path / "000003.npz", **side)
+    with pytest.raises(DataLayoutError, match=r"000003\.png .*image file is truncated"):  # PIL's bare message
         read_sample(tmp_path, 3)
     _cut(tmp_path / "000004.npz")
     with pytest.raises(DataLayoutError, match=r"000004\.npz"):
