@@ -10,6 +10,12 @@ Resume: the sample writer tells the DataModule which seeds are already on disk
 (``skip_seeds``); the predict dataloader leaves them out. Because every sample's randomness
 comes from its own seed, leaving samples out changes no other sample.
 
+Predict under DDP: the items still to do are sharded like val/test (rank r takes the r-th, the
+(r + world)-th, ...). A process left without an item (fewer items to do than processes: a small N,
+or the last samples of a resumed run) would skip Lightning's whole predict loop, epoch-end hooks
+and their collectives included, and the others would wait for it; it runs item 0 instead, and
+``predict_padding`` tells the callbacks (writer, metrics) to ignore what it predicts.
+
 Exact evaluation under DDP: Lightning's validate/test loops would inject a padding
 ``DistributedSampler`` (samples repeated so that every rank gets as many), which counts some
 samples twice. Under DDP the val/test loaders here carry their own ``ShardSampler`` (rank r
@@ -26,7 +32,7 @@ from collections.abc import Iterable
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from equidiff.errors import ConfigError
 
@@ -67,6 +73,24 @@ class ShardSampler(DistributedSampler):
         return self.num_samples
 
 
+class IndexSampler(DistributedSampler):
+    """Exactly ``indices`` of a dataset, in order: this process's share, chosen by the DataModule.
+
+    A ``DistributedSampler`` subclass so that Lightning keeps it instead of sharding the items again.
+    """
+
+    def __init__(self, dataset: Dataset, indices: list[int], num_replicas: int, rank: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.indices = list(indices)
+        self.num_samples = len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
 class EquidiffDataModule(L.LightningDataModule):
     """Base DataModule: subclasses implement ``make_dataset(split)`` (and may set ``num_classes``).
 
@@ -90,6 +114,7 @@ class EquidiffDataModule(L.LightningDataModule):
         self.batch_size, self.num_workers, self.seed = int(batch_size), int(num_workers), int(seed)
         self.predict_split, self.shuffle_train, self.pin_memory = predict_split, shuffle_train, pin_memory
         self.skip_seeds: set[int] = set()
+        self.predict_padding = False  # this process has no predict item of its own (see the module docstring)
         self._datasets: dict[str, Dataset] = {}
 
     # -- subclasses --------------------------------------------------------------------
@@ -140,14 +165,12 @@ class EquidiffDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def predict_dataloader(self):
+        """The items whose seed is not in ``skip_seeds``; under DDP this process's shard of them (one padding
+        item, ``predict_padding``, when the shard is empty)."""
         ds = self.dataset(self.predict_split)
-        if self.skip_seeds:
-            seeds = self.predict_seeds()
-            keep = [i for i, s in enumerate(seeds) if s not in self.skip_seeds]
-            # Lightning's predict sampler needs >= 1 item per process: top up with finished
-            # samples, which are recomputed but not rewritten (the writer skips them).
-            world = self.trainer.world_size if self.trainer is not None else 1
-            done = [i for i, s in enumerate(seeds) if s in self.skip_seeds]
-            keep = sorted(keep + done[: max(0, world - len(keep))])
-            ds = Subset(ds, keep)
-        return self._loader(ds)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        todo = [i for i, s in enumerate(self.predict_seeds()) if s not in self.skip_seeds]
+        mine = todo[rank::world]
+        self.predict_padding = not mine
+        return self._loader(ds, sampler=IndexSampler(ds, mine or [0], num_replicas=world, rank=rank))

@@ -27,6 +27,7 @@ from equidiff.metrics.reference import (
     check_extractor,
     load_reference,
 )
+from equidiff.metrics.sample_quality import check_knn_samples
 
 
 def _reference(reference: Reference | str | os.PathLike) -> Reference:
@@ -62,14 +63,19 @@ class FID(FeatureStatistics):
         self.register_buffer("ref_mu", ref.mu.double(), persistent=False)
         self.register_buffer("ref_sigma", ref.sigma.double(), persistent=False)
 
-    def compute(self) -> torch.Tensor:
-        n = int(self.n.item())
+    def check_num_samples(self, n: int) -> None:
+        """Refuse (``ConfigError``) a run of ``n`` samples that is too small for this metric."""
         if n < self.min_samples:
             raise ConfigError(
                 f"FID over {n} samples: fewer than min_samples={self.min_samples}. Below 2048 samples the 2048-d "
                 "covariance is singular and FID is strongly biased upward; generate more samples (the seed's "
                 "protocol uses 10,000), or, for a smoke test only, allow it with min_samples=0 "
                 "(e.g. metrics.fid.metric.min_samples=0)")
+        if n < 2:
+            raise ConfigError(f"FID needs at least 2 samples (a covariance), got {n}")
+
+    def compute(self) -> torch.Tensor:
+        self.check_num_samples(int(self.n.item()))
         mu, sigma, _ = self.statistics()
         # eigenvalues on the CPU in float64, as torch-fidelity (numpy) does
         return frechet_distance_from_stats(mu.cpu(), sigma.cpu(), self.ref_mu.cpu(), self.ref_sigma.cpu())
@@ -90,6 +96,13 @@ class InceptionScore(GatheredFeatures):
                  feature: str = "logits_unbiased", **kwargs):
         super().__init__(extractor, feature, **kwargs)
         self.splits, self.shuffle, self.rng_seed = int(splits), bool(shuffle), int(rng_seed)
+
+    def check_num_samples(self, n: int) -> None:
+        """Refuse (``ConfigError``) a run of ``n`` samples that is too small for this metric."""
+        if n < self.splits:
+            raise ConfigError(f"the Inception score over splits={self.splits} chunks needs at least {self.splits} "
+                              f"samples; this run makes {n}. Generate more, or lower splits "
+                              "(metrics.<name>.metric.splits=...)")
 
     def compute(self) -> dict[str, torch.Tensor]:
         _, logits = self.gathered()
@@ -118,6 +131,13 @@ class PrecisionRecallVGG(GatheredFeatures):
         super().__init__(extractor, feature, **kwargs)
         self.k = int(k)
         self.register_buffer("real_features", ref.prc_features.float(), persistent=False)
+        if len(self.real_features) <= self.k:
+            raise ConfigError(f"{where} holds {len(self.real_features)} precision/recall features; k-NN radii with "
+                              f"k={self.k} need more than k")
+
+    def check_num_samples(self, n: int) -> None:
+        """Refuse (``ConfigError``) a run of ``n`` samples that is too small for this metric."""
+        check_knn_samples(n, self.k)
 
     def compute(self) -> dict[str, torch.Tensor]:
         _, fake = self.gathered()

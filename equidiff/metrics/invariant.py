@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from equidiff.metrics.sync import with_empty_rank_sync
+
 
 class RecordMean(Metric):
     """The mean of a per-sample value (a scalar, or a vector averaged element-wise) over all samples.
@@ -38,7 +40,8 @@ class Diversity(Metric):
     """Mean pairwise L2 distance between the samples of one query, averaged over queries.
 
     Images are compared at most ``size`` x ``size`` (area-downsampled) to bound memory; points as they
-    are. Samples are gathered with their seeds and sorted, so the value does not depend on sharding.
+    are. Samples are gathered with their seeds and sorted, so the value does not depend on sharding (a process
+    may have fed nothing).
     """
 
     higher_is_better = True
@@ -46,7 +49,7 @@ class Diversity(Metric):
     full_state_update = False
 
     def __init__(self, size: int = 32, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**with_empty_rank_sync(kwargs))
         self.size = size
         self.add_state("queries", default=[], dist_reduce_fx="cat")
         self.add_state("seeds", default=[], dist_reduce_fx="cat")

@@ -34,6 +34,7 @@ from torchmetrics.utilities import dim_zero_cat
 
 from equidiff.errors import ConfigError
 from equidiff.metrics.functional import statistics_from_moments
+from equidiff.metrics.sync import with_empty_rank_sync
 from equidiff.utils.images import to_uint8
 from equidiff.utils.io import atomic_write_bytes
 
@@ -90,14 +91,15 @@ class GatheredFeatures(Metric):
     """An extractor's features with the samples' seeds, gathered across processes and sorted by seed.
 
     ``update(images_uint8, seeds)``; ``compute()`` returns ``{"seeds", "features"}`` in seed order, so the
-    result does not depend on how the samples were sharded or batched. Duplicate seeds are an error.
+    result does not depend on how the samples were sharded or batched, and a process may have fed nothing.
+    Duplicate seeds are an error.
     """
 
     is_differentiable = False
     full_state_update = False
 
     def __init__(self, extractor: nn.Module, feature: str, **kwargs):
-        super().__init__(**kwargs)
+        super().__init__(**with_empty_rank_sync(kwargs))
         self.extractor, self.feature = extractor, feature
         self.add_state("seeds", default=[], dist_reduce_fx="cat")
         self.add_state("features", default=[], dist_reduce_fx="cat")
@@ -225,6 +227,8 @@ class ReferenceStatistics(L.LightningModule):
                 m.reset()
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
+        if getattr(self.trainer.datamodule, "predict_padding", False):  # a process without images of its own
+            return {"seed": batch["seed"][:0]}
         # the images as the sample writer stores generated ones: uint8, rounded once (exact for uint8 data)
         images = to_uint8(batch["image"])
         self.fid_stats.update(images)

@@ -10,7 +10,9 @@ from torch import nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from equidiff.errors import ConfigError
 from equidiff.metrics.functional import precision_recall
+from equidiff.metrics.sync import with_empty_rank_sync
 
 
 class PrecisionRecall(Metric):
@@ -19,7 +21,12 @@ class PrecisionRecall(Metric):
     ``reference`` is the real set (images or features); ``feature_fn`` maps a batch to
     features (default: flattened pixels, meaningful for tiny images such as 8x8 digits; give
     an Inception/VGG extractor for natural images). Fake features are gathered across
-    processes (``dist_reduce_fx="cat"``), so the result is exact under DDP.
+    processes (``dist_reduce_fx="cat"``), so the result is exact under DDP, also when a process has no samples.
+
+    k-NN radii need more than k points on each side: fewer than k + 1 samples (or reference images) is a
+    ``ConfigError``, raised before sampling through ``check_num_samples``. torch-fidelity (``kthvalue(k + 1)``) and
+    the reference code of Kynkäänniemi et al. (2019) fail there too; equidiff does not lower k for small sets, as a
+    different k is a different metric.
     """
 
     higher_is_better = True
@@ -27,10 +34,19 @@ class PrecisionRecall(Metric):
     full_state_update = False
 
     def __init__(self, reference: torch.Tensor, k: int = 3, feature_fn: Callable | None = None, **kwargs):
-        super().__init__(**kwargs)
-        self.k, self.feature_fn = k, feature_fn
+        super().__init__(**with_empty_rank_sync(kwargs))
+        self.k, self.feature_fn = int(k), feature_fn
+        if self.k < 1:
+            raise ConfigError(f"k-NN precision/recall needs k >= 1, got k={k}")
         self.register_buffer("real_features", self._features(torch.as_tensor(reference)).double(), persistent=False)
+        if len(self.real_features) <= self.k:
+            raise ConfigError(f"k-NN precision/recall with k={self.k} needs more than k reference images, got "
+                              f"{len(self.real_features)}")
         self.add_state("fake_features", default=[], dist_reduce_fx="cat")
+
+    def check_num_samples(self, n: int) -> None:
+        """Refuse (``ConfigError``) a run of ``n`` samples that is too small for this metric."""
+        check_knn_samples(n, self.k)
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -43,6 +59,13 @@ class PrecisionRecall(Metric):
         fake = dim_zero_cat(self.fake_features)
         p, r = precision_recall(self.real_features.to(fake.device), fake, k=self.k)
         return {"precision": p, "recall": r}
+
+
+def check_knn_samples(n: int, k: int) -> None:
+    if n <= k:
+        raise ConfigError(f"k-NN precision/recall with k={k} needs more than k samples (the k-th nearest neighbour "
+                          f"of each sample among the others), at least {k + 1}; this run makes {n}. Generate at "
+                          f"least {k + 1} samples (data.num_samples)")
 
 
 class ClassifierConfidence(Metric):

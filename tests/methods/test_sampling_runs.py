@@ -150,3 +150,88 @@ def test_resume_is_refused_when_the_weights_changed(tiny_pipeline_dir, tmp_path)
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
     with pytest.raises(ConfigError, match="_weights"):
         _predict(model, out, "data.num_samples=2", "metrics=none")
+
+
+# --------------------------------------------------------------------------- completeness and small N (issue 13)
+def _finished_copy(reference, dest):
+    """A copy of the reference run's finished folder, to damage."""
+    import shutil
+
+    shutil.copytree(reference[0], dest)
+    (dest / "equidiff.log").unlink(missing_ok=True)
+    return dest
+
+
+def _metrics(out):
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_a_sample_whose_png_is_lost_is_recomputed_not_merged_without_images(tiny_pipeline_dir, tmp_path, reference):
+    out = _finished_copy(reference, tmp_path / "lost")
+    (out / "samples" / "000002.png").unlink()  # its sidecar is still there
+    (out / "grid.png").write_bytes(b"stale")
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "samples").iterdir()}
+    again = _predict(tiny_pipeline_dir, out, "metrics=none")  # without metrics the old merge wrote no images
+    np.testing.assert_array_equal(again["images"], reference[1]["images"])
+    assert (out / "grid.png").read_bytes() == (reference[0] / "grid.png").read_bytes()
+    assert "sample 2 is damaged or half written, it is recomputed" in (out / "equidiff.log").read_text()
+    assert "000002.png is missing" in (out / "equidiff.log").read_text()
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "samples").iterdir()}
+    assert [k for k in before if after[k] != before[k]] == ["000002.npz"]  # only that sample was rewritten
+    # this run computes no metrics: the old values are not left behind, only what the (empty) set covers
+    assert _metrics(out) == {"_coverage/num_samples": N, "_coverage/first_seed": 0, "_coverage/last_seed": N - 1}
+
+
+def test_cut_short_files_are_named_and_their_samples_recomputed(tiny_pipeline_dir, tmp_path, reference):
+    out = _finished_copy(reference, tmp_path / "cut")
+    for name in ("000003.png", "000005.npz"):
+        path = out / "samples" / name
+        path.write_bytes(path.read_bytes()[:40])  # a copy or a disk that stopped part-way
+    again = _predict(tiny_pipeline_dir, out)
+    np.testing.assert_array_equal(again["images"], reference[1]["images"])
+    assert _metrics(out) == pytest.approx(_metrics(reference[0]))  # read back / recomputed: the same metrics
+    log = (out / "equidiff.log").read_text()
+    assert f"{out / 'samples' / '000003.png'} is not a whole PNG" in log
+    assert f"{out / 'samples' / '000005.npz'} cannot be read" in log
+
+
+def test_a_larger_run_cut_short_leaves_no_outputs_of_the_smaller_set(tiny_pipeline_dir, tmp_path, reference):
+    out = _finished_copy(reference, tmp_path / "grow")
+    derived = ["samples.npz", "samples.csv", "metrics.json", "grid.png"]
+    assert all((out / name).exists() for name in derived)
+    assert _metrics(out)["_coverage/num_samples"] == N  # what the metrics cover is written beside them
+    stop = ["+callbacks.stop._target_=tests.helpers.FailAfterBatches", "+callbacks.stop.n=1", "data.batch_size=2"]
+    with pytest.raises(RuntimeError, match="simulated preemption"):
+        _predict(tiny_pipeline_dir, out, "data.num_samples=10", *stop)
+    assert [name for name in derived if (out / name).exists()] == []  # nothing that describes the 7 samples
+    grown = _predict(tiny_pipeline_dir, out, "data.num_samples=10")
+    assert grown["seeds"].tolist() == list(range(10))
+    coverage = {k: v for k, v in _metrics(out).items() if k.startswith("_coverage/")}
+    assert coverage == {"_coverage/num_samples": 10, "_coverage/first_seed": 0, "_coverage/last_seed": 9}
+
+
+def test_too_few_samples_for_a_metric_fail_before_sampling(tiny_pipeline_dir, tmp_path):
+    out = tmp_path / "three"
+    # k-NN precision/recall (k = 3) needs 4 samples; torch-fidelity fails below that too
+    with pytest.raises(ConfigError, match=r"metric 'precision_recall': .* at least 4; this run makes 3"):
+        _predict(tiny_pipeline_dir, out, "data.num_samples=3")
+    assert not (out / "samples").exists()
+
+
+def test_one_sample_on_two_processes(tiny_pipeline_dir, tmp_path, reference):
+    # the second process has no sample: it runs one padding item that the writer and the metrics ignore, and
+    # its empty gathered states (the diversity's cat states) must not break the collective
+    diversity = ("+metrics.diversity={_target_:equidiff.callbacks.MetricSpec,inputs:[image,label,seed],"
+                 "metric:{_target_:equidiff.metrics.invariant.Diversity}}")
+    args = ["data.num_samples=1", "metrics.precision_recall=null", diversity]
+    one = tmp_path / "one"
+    _predict(tiny_pipeline_dir, one, *args)
+    out = tmp_path / "ddp1"
+    r = run_cli(["predict", *_overrides(tiny_pipeline_dir, out, "trainer=ddp_cpu", "trainer.devices=2", *args)],
+                timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    ddp = load_samples(out)
+    assert ddp["seeds"].tolist() == [0] and sorted(p.name for p in (out / "samples").iterdir()) == [
+        "000000.npz", "000000.png"]
+    np.testing.assert_array_equal(ddp["images"], reference[1]["images"][:1])
+    assert _metrics(out) == _metrics(one) and _metrics(out)["_coverage/num_samples"] == 1

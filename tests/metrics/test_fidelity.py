@@ -167,6 +167,22 @@ def test_fid_refuses_too_few_samples_and_names_the_override():
         FID(extractor, _reference(extractor))  # the default, 2048, applies to the reference too
 
 
+def test_too_few_samples_are_refused_before_sampling():
+    # PredictMetrics calls check_num_samples(N) at setup: a run too small for a metric fails before it samples
+    extractor = FakeExtractor()
+    m = _metrics(extractor, _reference(extractor))
+    with pytest.raises(ConfigError, match="FID needs at least 2 samples"):
+        m["fid"].check_num_samples(1)  # min_samples=0 (smoke tests) still needs a covariance
+    with pytest.raises(ConfigError, match=r"FID over 30 samples: fewer than min_samples=31.*min_samples=0"):
+        FID(extractor, _reference(extractor), min_samples=N_FAKE + 1).check_num_samples(N_FAKE)
+    with pytest.raises(ConfigError, match="splits=3 chunks needs at least 3 samples; this run makes 2"):
+        m["isc"].check_num_samples(2)
+    with pytest.raises(ConfigError, match="k=3 needs more than k samples"):
+        m["prc"].check_num_samples(3)
+    for metric in m.values():
+        metric.check_num_samples(4)
+
+
 def test_a_reference_of_another_extractor_is_refused_naming_both_ids():
     extractor = FakeExtractor(extractor_id="inception-v3-compat:aaaa")
     ref = _reference(extractor, extractor_id="inception-v3-compat:bbbb")
@@ -242,7 +258,7 @@ def test_metrics_sharing_one_extractor_run_it_once_per_batch_with_the_real_wrapp
 
 
 # --------------------------------------------------------------------------- 2-process DDP
-def _ddp_worker(rank, port, results):
+def _ddp_worker(rank, port, results, shards):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
@@ -250,9 +266,10 @@ def _ddp_worker(rank, port, results):
         extractor = FakeExtractor()
         metrics = _metrics(extractor, _reference(extractor))
         images, seeds = _fake_data()
-        shard = SHARDS[rank]
-        for chunk in (slice(shard.start, shard.start + 5), slice(shard.start + 5, shard.stop)):
-            _feed(metrics, images[chunk], seeds[chunk])
+        shard = shards[rank]
+        for chunk in (slice(shard.start, min(shard.start + 5, shard.stop)), slice(shard.start + 5, shard.stop)):
+            if chunk.stop > chunk.start:  # a process without samples feeds nothing
+                _feed(metrics, images[chunk], seeds[chunk])
         values = _values(metrics)
         if rank == 0:
             results.update(values)
@@ -260,13 +277,15 @@ def _ddp_worker(rank, port, results):
         dist.destroy_process_group()
 
 
-def test_metrics_are_exact_with_two_processes():
+# and a process without samples: its gathered states are empty, the others' are not
+@pytest.mark.parametrize("shards", [SHARDS, [slice(0, N_FAKE), slice(N_FAKE, N_FAKE)]], ids=["uneven", "empty_rank"])
+def test_metrics_are_exact_with_two_processes(shards):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_ddp_worker, args=(port, results), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(port, results, shards), nprocs=2, join=True)
 
     extractor = FakeExtractor()
     metrics = _metrics(extractor, _reference(extractor))
