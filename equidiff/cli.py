@@ -171,6 +171,7 @@ def run(cfg, verb: str):
     import lightning as L
     from omegaconf import OmegaConf
 
+    from equidiff.callbacks.resume import fit_ckpt_path
     from equidiff.errors import ConfigError
     from equidiff.utils.runs import check_resume_compatible, save_run_config
 
@@ -186,6 +187,8 @@ def run(cfg, verb: str):
         if verb == "predict":
             check_resume_compatible(cfg, output_dir)
         datamodule, model, trainer = build(cfg)
+        # fit resumes from <output_dir>/checkpoints/last.ckpt by itself (equidiff/callbacks/resume.py)
+        ckpt_path = fit_ckpt_path(cfg, trainer) if verb == "fit" else cfg.get("ckpt_path")
     except BaseException:
         _remove_if_empty(output_dir)
         raise
@@ -199,8 +202,8 @@ def run(cfg, verb: str):
         log.info("equidiff %s: output in %s", verb, output_dir.resolve())
         log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
     kwargs = {"model": model, "datamodule": datamodule}
-    if cfg.get("ckpt_path"):
-        kwargs["ckpt_path"] = cfg.ckpt_path
+    if ckpt_path:
+        kwargs["ckpt_path"] = ckpt_path
     if verb == "predict":
         kwargs["return_predictions"] = False
     try:

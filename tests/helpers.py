@@ -45,3 +45,30 @@ class FailAfterBatches(Callback):
         self.seen += 1
         if self.seen >= self.n:
             raise RuntimeError("simulated preemption")
+
+
+class KillAt(Callback):
+    """Simulate a job killed hard (kill -9, node failure) mid-fit: SIGKILL this process after training batch
+    ``batch`` of epoch ``epoch`` (nothing of the process runs after it: no hook, no flush)."""
+
+    def __init__(self, epoch: int, batch: int):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CheckpointAndStopAt(Callback):
+    """Simulate a job stopped mid-epoch after writing a checkpoint (as on SIGTERM): after training batch ``batch``
+    of epoch ``epoch``, save ``path`` and raise."""
+
+    def __init__(self, epoch: int, batch: int, path: str):
+        self.epoch, self.batch, self.path = epoch, batch, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            trainer.save_checkpoint(self.path)
+            raise RuntimeError("simulated stop after a mid-epoch checkpoint")
