@@ -2,8 +2,8 @@
 
 Lightning's ``CSVLogger`` deletes an existing ``metrics.csv`` when it starts, so a resumed fit, or an
 ``equidiff test`` into the fit's folder, loses the training history. ``CSVLogger`` here appends instead;
-``equidiff.callbacks.FitResume`` cuts the history back to the checkpoint's step when a fit resumes (and to
-step 0 when a fit starts over). ``wandb_logger`` continues the folder's previous wandb run.
+``equidiff.callbacks.FitResume`` has it cut the history back to the checkpoint when a fit resumes (all of it
+when a fit starts over). ``wandb_logger`` continues the folder's previous wandb run.
 """
 
 from __future__ import annotations
@@ -31,9 +31,17 @@ class _AppendingWriter(ExperimentWriter):
             with path.open(newline="") as f:
                 self.metrics_keys = list(csv.DictReader(f).fieldnames or [])
 
+    cut_at_next_row = False
+
+    def log_metrics(self, metrics_dict: dict, step: int | None = None) -> None:
+        if self.cut_at_next_row and step is not None:
+            self.cut_at_next_row = False
+            self.truncate(step)
+        super().log_metrics(metrics_dict, step)
+
     def truncate(self, step: int) -> None:
         """Drop the saved rows logged at ``step`` or later (and any unreadable row, e.g. one cut by a kill)."""
-        self.metrics = [m for m in self.metrics if m.get("step", 0) < step]
+        self.save()
         path = Path(self.metrics_file_path)
         if not path.is_file():
             return
@@ -61,8 +69,10 @@ def _step(row: dict) -> int | None:
 class CSVLogger(_LightningCSVLogger):
     """Lightning's ``CSVLogger`` that keeps the history in ``<save_dir>/<name>/<version>/metrics.csv``.
 
-    It appends to an existing file instead of deleting it, and ``truncate_history(step)`` drops the rows
-    logged at ``step`` or later (``FitResume`` calls it when a fit starts or resumes). With
+    It appends to an existing file instead of deleting it. After ``cut_history()`` (``FitResume`` calls it when
+    a fit starts or resumes), the next row logged first drops the saved rows at its step or later: those that an
+    interrupted run logged after its checkpoint, which the resumed run logs again (or, for a fit that starts
+    over, the whole old history). With
     ``flush_logs_every_n_steps=1`` (``conf/logger/csv.yaml``) every row is on disk as soon as it is logged,
     so a killed run loses none of the rows that its checkpoint covers.
     """
@@ -76,8 +86,8 @@ class CSVLogger(_LightningCSVLogger):
         return self._experiment
 
     @rank_zero_only
-    def truncate_history(self, step: int) -> None:
-        self.experiment.truncate(step)
+    def cut_history(self) -> None:
+        self.experiment.cut_at_next_row = True
 
 
 _RUN_DIR = re.compile(r"^(?:offline-)?run-\d{8}_\d{6}-(?P<id>[A-Za-z0-9_-]+)$")

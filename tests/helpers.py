@@ -62,13 +62,18 @@ class KillAt(Callback):
 
 
 class CheckpointAndStopAt(Callback):
-    """Simulate a job stopped mid-epoch after writing a checkpoint (as on SIGTERM): after training batch ``batch``
-    of epoch ``epoch``, save ``path`` and raise."""
+    """Simulate a job stopped mid-epoch after a checkpoint: after training batch ``batch`` of epoch ``epoch`` save
+    ``path`` (in on_train_batch_end, as ModelCheckpoint(every_n_train_steps) does), then stop when the next batch
+    starts."""
 
     def __init__(self, epoch: int, batch: int, path: str):
-        self.epoch, self.batch, self.path = epoch, batch, path
+        self.epoch, self.batch, self.path, self.saved = epoch, batch, path, False
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.current_epoch == self.epoch and batch_idx == self.batch:
             trainer.save_checkpoint(self.path)
+            self.saved = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.saved:
             raise RuntimeError("simulated stop after a mid-epoch checkpoint")

@@ -6,4 +6,5 @@ from equidiff.callbacks.pretrained import SavePretrained
 from equidiff.callbacks.resume import FitResume
 from equidiff.callbacks.writer import SampleWriter
 
-__all__ = ["FitResume", "ImageGrid", "QueryGrid", "MetricSpec", "PredictMetrics", "SampleWriter", "SavePretrained", "save_grid"]
+__all__ = ["FitResume", "ImageGrid", "QueryGrid", "MetricSpec", "PredictMetrics", "SampleWriter", "SavePretrained",
+           "save_grid"]

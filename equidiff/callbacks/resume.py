@@ -4,7 +4,8 @@ Checkpoints of a fit (``conf/callbacks/train.yaml``) live in ``<output_dir>/chec
 
 - ``last.ckpt``: the latest epoch, rewritten at the end of every training epoch. A fit resumes from it, and
   ``equidiff test ... ckpt_path=<output_dir>/checkpoints/last.ckpt`` evaluates the last epoch (no model selection).
-  A checkpoint written under this name in the middle of an epoch (at a batch boundary) resumes exactly too.
+  A checkpoint written under this name in the middle of an epoch resumes exactly too, when it is written in a
+  callback's ``on_train_batch_end`` (as ``ModelCheckpoint(every_n_train_steps=...)`` does).
 - ``best.ckpt``: the epoch with the best monitored validation metric (``callbacks.checkpoint.monitor`` / ``mode``).
 
 ``equidiff fit`` starts from ``last.ckpt`` by itself when the file exists (``fit_ckpt_path``): a requeued or
@@ -15,8 +16,8 @@ uninterrupted one, bit for bit:
 - the training loader's place in its shuffling stream: ``equidiff.data.base.ResumableDataLoader``;
 - every process's global random state (torch, CUDA, numpy, Python): ``FitResume`` below, restored when
   training starts (after the modules' ``on_fit_start``, which may reseed);
-- the log history: ``FitResume`` cuts the loggers' history back to the checkpoint's step (rows the interrupted
-  run logged after its checkpoint are logged again), and ``equidiff.loggers.CSVLogger`` appends.
+- the log history: ``equidiff.loggers.CSVLogger`` appends to ``metrics.csv``, and ``FitResume`` has it cut the
+  history back to the checkpoint (rows the interrupted run logged after its checkpoint are logged again).
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ class FitResume(Callback):
 
     Under DDP the states of all processes are gathered into the checkpoint (Lightning writes checkpoints
     from every process, rank 0 saving the file). On resume, training starts with each process's saved
-    state; the loggers' history is cut back to the checkpoint's step (``truncate_history`` where a logger
-    has it); and the log says where the fit resumed, or that it had already finished.
+    state; the loggers' history is cut back to the checkpoint (``cut_history`` where a logger has it); and
+    the log says where the fit resumed, or that it had already finished.
     """
 
     def __init__(self):
@@ -91,10 +92,11 @@ class FitResume(Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self._trained = True
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step of the next row the loggers get
+        # the next row logged replaces the rows at its step or later: the interrupted run logged them after the
+        # checkpoint, and this run logs them again (a fit that starts over replaces the whole history)
         for logger in trainer.loggers:
-            if trainer.is_global_zero and hasattr(logger, "truncate_history"):
-                logger.truncate_history(step)
+            if trainer.is_global_zero and hasattr(logger, "cut_history"):
+                logger.cut_history()
         if trainer.ckpt_path is None:
             return
         world, rank = _world()
