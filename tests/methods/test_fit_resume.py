@@ -25,7 +25,7 @@ def _state(path):
     return torch.load(path, weights_only=True)
 
 
-def test_a_fit_killed_with_sigkill_and_resumed_equals_an_uninterrupted_fit(tmp_path):
+def test_a_fit_killed_with_sigkill_and_resumed_equals_an_uninterrupted_fit(tmp_path, caplog):
     run(compose_cfg([*ROBUST, *_folder(tmp_path, "straight")]), "fit")
 
     # a real process, killed with SIGKILL after batch 1 of epoch 1: nothing of it runs after that
@@ -36,7 +36,9 @@ def test_a_fit_killed_with_sigkill_and_resumed_equals_an_uninterrupted_fit(tmp_p
     assert _state(out / "checkpoints" / "last.ckpt")["epoch"] == 0  # the end of epoch 0 is all it saved
     assert not (tmp_path / "resumed_cache").exists()
 
-    run(compose_cfg([*ROBUST, *_folder(tmp_path, "resumed")]), "fit")  # the same command: resumes from last.ckpt
+    with caplog.at_level(logging.INFO):
+        run(compose_cfg([*ROBUST, *_folder(tmp_path, "resumed")]), "fit")  # the same command: resumes from last.ckpt
+    assert f"resumed fit from {out}/checkpoints/last.ckpt at epoch 1, step 3" in caplog.text
 
     exported = "digits_robust_cnn/model.safetensors"
     assert (tmp_path / "resumed_cache" / exported).read_bytes() == (tmp_path / "straight_cache" / exported).read_bytes()
@@ -104,7 +106,7 @@ DDPM = ["experiment=digits/ddpm", "trainer=cpu", "trainer.max_epochs=-1", "train
         "method.unet.block_out_channels=[8,16]", "method.unet.norm_num_groups=4", "method.unet.attention_head_dim=4"]
 
 
-def test_a_checkpoint_written_mid_epoch_resumes_exactly(tmp_path):
+def test_a_checkpoint_written_mid_epoch_resumes_exactly(tmp_path, caplog):
     run(compose_cfg([*DDPM, *_folder(tmp_path, "straight")]), "fit")
     out = tmp_path / "resumed"
     stop = ["+callbacks.stop._target_=tests.helpers.CheckpointAndStopAt", "+callbacks.stop.epoch=1",
@@ -113,7 +115,9 @@ def test_a_checkpoint_written_mid_epoch_resumes_exactly(tmp_path):
         run(compose_cfg([*DDPM, *_folder(tmp_path, "resumed"), *stop]), "fit")
     assert _state(out / "checkpoints" / "last.ckpt")["global_step"] == 4  # after batch 0 of epoch 1
 
-    run(compose_cfg([*DDPM, *_folder(tmp_path, "resumed")]), "fit")
+    with caplog.at_level(logging.INFO):
+        run(compose_cfg([*DDPM, *_folder(tmp_path, "resumed")]), "fit")
+    assert f"resumed fit from {out}/checkpoints/last.ckpt at epoch 1, step 4" in caplog.text
 
     weights = "digits_ddpm/unet/diffusion_pytorch_model.safetensors"  # the EMA weights
     assert (tmp_path / "resumed_cache" / weights).read_bytes() == (tmp_path / "straight_cache" / weights).read_bytes()
