@@ -39,24 +39,33 @@ class _AppendingWriter(ExperimentWriter):
             self.truncate(step)
         super().log_metrics(metrics_dict, step)
 
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        # Lightning rewrites the file in place when a new metric appears: here through a temporary file, so a
+        # kill during the rewrite cannot lose the history
+        self._write_rows(fieldnames, self._read_rows()[1])
+
+    def _read_rows(self) -> tuple[list[str], list[dict]]:
+        with Path(self.metrics_file_path).open(newline="") as f:
+            reader = csv.DictReader(f)
+            return list(reader.fieldnames or []), list(reader)
+
+    def _write_rows(self, fieldnames: list[str], rows: list[dict]) -> None:
+        out = io.StringIO(newline="")
+        writer = csv.DictWriter(out, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(self.metrics_file_path, out.getvalue().encode())
+
     def truncate(self, step: int) -> None:
         """Drop the saved rows logged at ``step`` or later (and any unreadable row, e.g. one cut by a kill)."""
         self.save()
         path = Path(self.metrics_file_path)
         if not path.is_file():
             return
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            fields = list(reader.fieldnames or [])
-            rows = list(reader)
+        fields, rows = self._read_rows()
         keep = [r for r in rows if _step(r) is not None and _step(r) < step]
-        if len(keep) == len(rows):
-            return
-        out = io.StringIO(newline="")
-        writer = csv.DictWriter(out, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(keep)
-        atomic_write_bytes(path, out.getvalue().encode())
+        if len(keep) < len(rows) or not path.read_bytes().endswith(b"\n"):  # a last row cut short by a kill
+            self._write_rows(fields, keep)
 
 
 def _step(row: dict) -> int | None:

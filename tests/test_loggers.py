@@ -38,3 +38,19 @@ def test_wandb_logger_continues_the_folders_latest_run(tmp_path):
     assert previous_wandb_run_id(str(tmp_path)) == "ab12cd34"
     init = wandb_logger(str(tmp_path), offline=True)._wandb_init
     assert init["id"] == "ab12cd34" and init["resume"] == "allow"
+
+
+def test_csv_history_survives_a_row_cut_short_and_a_new_metric(tmp_path):
+    path = tmp_path / "csv" / "metrics.csv"
+    first = CSVLogger(tmp_path, name="csv", version="", flush_logs_every_n_steps=1)
+    first.log_metrics({"loss": 1.0}, step=0)
+    first.log_metrics({"loss": 2.0}, step=1)
+    with path.open("a") as f:
+        f.write("3.0,")  # a kill in the middle of writing the row of step 2
+    resumed = CSVLogger(tmp_path, name="csv", version="", flush_logs_every_n_steps=1)
+    resumed.cut_history()
+    resumed.log_metrics({"loss": 3.0}, step=2)
+    resumed.log_metrics({"acc": 0.5}, step=3)  # a new column: the file is rewritten with the wider header
+    assert _rows(path) == [{"step": "0", "loss": "1.0"}, {"step": "1", "loss": "2.0"}, {"step": "2", "loss": "3.0"},
+                           {"step": "3", "acc": "0.5"}]
+    assert path.read_text().splitlines()[0] == "acc,loss,step"
