@@ -191,6 +191,7 @@ def run(cfg, verb: str):
     import lightning as L
     from omegaconf import OmegaConf
 
+    from equidiff.callbacks.resume import fit_ckpt_path
     from equidiff.errors import ConfigError
     from equidiff.utils.lock import launching_process
     from equidiff.utils.runs import FingerprintCommit, RunFolder, check_resume_compatible, save_run_config
@@ -208,6 +209,8 @@ def run(cfg, verb: str):
         if verb == "predict":
             check_resume_compatible(cfg, output_dir)  # early, to fail before the (long) build
         datamodule, model, trainer = build(cfg)
+        # fit resumes from <output_dir>/checkpoints/last.ckpt by itself (equidiff/callbacks/resume.py)
+        ckpt_path = fit_ckpt_path(cfg, trainer) if verb == "fit" else cfg.get("ckpt_path")
     except BaseException:
         if sweep_job_folder and launching_process():
             _remove_if_empty(output_dir)  # the empty job folder Hydra made for this run
@@ -225,8 +228,8 @@ def run(cfg, verb: str):
             log.info("equidiff %s: output in %s", verb, output_dir.resolve())
             log.debug("config:\n%s", OmegaConf.to_yaml(cfg))
         kwargs = {"model": model, "datamodule": datamodule}
-        if cfg.get("ckpt_path"):
-            kwargs["ckpt_path"] = cfg.ckpt_path
+        if ckpt_path:
+            kwargs["ckpt_path"] = ckpt_path
         if verb == "predict":
             kwargs["return_predictions"] = False
         with stop_on_signals(trainer, verb, output_dir):  # SIGTERM/SIGUSR1: save, say so, exit 128+signum

@@ -118,3 +118,35 @@ class StepLog(Callback):
         if trainer.is_global_zero:
             with open(self.path, "a") as f:
                 f.write(f"{trainer.global_step}\n")
+
+
+class KillAt(Callback):
+    """Simulate a job killed hard (kill -9, node failure) mid-fit: SIGKILL this process after training batch
+    ``batch`` of epoch ``epoch`` (nothing of the process runs after it: no hook, no flush)."""
+
+    def __init__(self, epoch: int, batch: int):
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            import signal
+
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class CheckpointAndStopAt(Callback):
+    """Simulate a job stopped mid-epoch after a checkpoint: after training batch ``batch`` of epoch ``epoch`` save
+    ``path`` (in on_train_batch_end, as ModelCheckpoint(every_n_train_steps) does), then stop when the next batch
+    starts."""
+
+    def __init__(self, epoch: int, batch: int, path: str):
+        self.epoch, self.batch, self.path, self.saved = epoch, batch, path, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch:
+            trainer.save_checkpoint(self.path)
+            self.saved = True
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.saved:
+            raise RuntimeError("simulated stop after a mid-epoch checkpoint")

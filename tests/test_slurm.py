@@ -102,3 +102,50 @@ def test_a_step_stopped_by_sigusr1_itself_requeues_the_job(tmp_path, status):
         assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
     else:
         assert r.returncode == status and not (tmp_path / "scontrol.log").exists()
+
+
+# per-step overrides for the embedded p-CFE chain, added by the fake srun (the script passes its own overrides to
+# every step): a tiny ERM, 16 generated samples, a one-epoch retrain
+PCFE_STEPS = """case "$*" in
+  *retrain_*) if [ -e "$KILL_RETRAIN" ]; then exit 137; fi
+              extra=(data.clean.max_items=16 data.batch_size=16 trainer.max_epochs=1
+                     trainer.check_val_every_n_epoch=1) ;;
+  *pcfe_erm*) extra=(data.max_items=64 data.batch_size=32 trainer.max_epochs=2 trainer.check_val_every_n_epoch=1) ;;
+  *generate_*) extra=(data.max_items=16 data.batch_size=16 solver.steps=2) ;;
+esac
+echo "$*" >> "$SRUN_LOG"
+exec "$@" "${extra[@]}"
+"""
+
+
+@pytest.mark.slow  # six equidiff processes (about 2 CPU-minutes); tests/pcfe/test_pcfe.py checks the same in-process
+def test_pcfe_chain_survives_a_requeue(tmp_path):
+    """A requeued pcfe.sh re-runs every step: the finished ERM fit trains nothing and leaves its exported model
+    (bytes and mtime) and its history as they were, so the generation it feeds is not refused as stale; the test
+    step reads the retrained model's last epoch."""
+    bin_dir = _fake_bin(tmp_path, PCFE_STEPS)
+    kill = tmp_path / "kill_retrain"
+    env = _env(bin_dir, DATASET="digits", SOLVER="pgd_l2", TRAINER="cpu", KILL_RETRAIN=str(kill),
+               SRUN_LOG=str(tmp_path / "srun.log"), PYTHONPATH=str(REPO))
+    args = ["bash", str(REPO / "slurm" / "pcfe.sh"), f"paths.log_dir={tmp_path}/outputs",
+            f"paths.cache_dir={tmp_path}/cache", "trainer.enable_progress_bar=false"]
+    kill.touch()
+    first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert first.returncode == 137, first.stdout[-3000:] + first.stderr[-3000:]  # the job died in the retrain step
+    erm, export = tmp_path / "outputs" / "digits_pcfe_erm", tmp_path / "cache" / "digits_pcfe_erm"
+    kept = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in
+            [*export.iterdir(), erm / "csv" / "metrics.csv", erm / "checkpoints" / "last.ckpt"]}
+    samples = tmp_path / "outputs" / "digits_pcfe_generate_pgd_l2" / "samples.npz"
+    assert samples.exists()
+
+    kill.unlink()
+    second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    out = second.stdout + second.stderr
+    assert second.returncode == 0, out[-4000:]
+    assert "fit already finished" in out
+    for p, (data, mtime) in kept.items():
+        assert p.read_bytes() == data and p.stat().st_mtime_ns == mtime, p
+    retrain = tmp_path / "outputs" / "digits_pcfe_retrain_pgd_l2"
+    assert (retrain / "test_metrics.json").exists()
+    # the test step (the last to write the folder's resolved config.yaml) read the retrained model's last epoch
+    assert f"ckpt_path: {retrain}/checkpoints/last.ckpt" in (retrain / "config.yaml").read_text()

@@ -57,7 +57,10 @@ class DDPMTraining(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=x_0.shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        # the EMA follows every optimizer step, inside it: a checkpoint written at the end of the batch (by a
+        # callback's on_train_batch_end, which Lightning calls before the module's) then holds this step's EMA
+        super().optimizer_step(*args, **kwargs)
         self.ema.step(self.unet.parameters())
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

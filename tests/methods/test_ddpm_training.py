@@ -63,6 +63,22 @@ def test_save_pretrained_replaces_a_model_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folders left
 
 
+def test_save_pretrained_leaves_an_unchanged_model_untouched(tmp_path):
+    # a finished fit re-run exports the same model: later runs fingerprint the weights by size and mtime
+    target, module = tmp_path / "model", _module()
+    SavePretrained(str(target)).save(module)
+    files = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in target.rglob("*") if p.is_file()}
+    SavePretrained(str(target)).save(_module())
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in target.rglob("*") if p.is_file()} == files
+    with torch.no_grad():
+        next(module.unet.parameters()).add_(1.0)
+    module.ema = module.ema.__class__(module.unet.parameters())  # another model: replaced
+    SavePretrained(str(target)).save(module)
+    weights = target / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.read_bytes() != files[weights][0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_validation_loss_is_deterministic():
     module = _module()
     dm = DigitsDataModule(batch_size=64, seed=0)
