@@ -25,6 +25,7 @@ from equidiff.attacks.density import (
     reference_kmeans,
 )
 from equidiff.classifiers import load_small_net
+from equidiff.data.tabular import TabularDataModule, split_arrays
 from equidiff.errors import ConfigError
 from tests.attacks.common import wine
 
@@ -219,7 +220,8 @@ def test_feature_space_density_uses_the_classifier_features():
 
 def test_unit_space_knn_is_the_knn_of_the_box_coordinates():
     """space=unit: the reference's kNN term lives in the box's [0, 1] coordinates (its trains / (maxs - mins))."""
-    dm, (x, y), (xt, yt), _ = wine()
+    dm = TabularDataModule(dataset="wine", scaling="zscore")  # a box other than [0, 1]
+    (x, y), (xt, yt) = split_arrays(dm, "train"), split_arrays(dm, "test")
     lo, hi = dm.box
     dens = fitted("knn", dm, space="unit")
     direct = KNNDensity().fit((x - lo) / (hi - lo), y)
