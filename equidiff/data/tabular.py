@@ -36,6 +36,7 @@ from equidiff.data.base import EquidiffDataModule
 from equidiff.data.embedded import TensorDictDataset, _split_indices
 from equidiff.errors import ConfigError
 
+
 def _breast_cancer():
     """scikit-learn's Wisconsin diagnostic breast cancer, labelled as the reference (malignant 1, benign 0)."""
     d = load_breast_cancer()

@@ -109,3 +109,14 @@ def test_rescaling_a_raw_feature_changes_no_plausibility_term_or_lof(monkeypatch
     lof, lof_big = (fit_lof(*split_arrays(m, "train")) for m in (dm, dm_big))
     torch.testing.assert_close(lof_scores(lof_big, probe, target), lof_scores(lof, probe, target), rtol=1e-5,
                                atol=1e-5)
+
+
+def test_breast_cancer_is_labelled_as_the_reference_wdbc_csv():
+    """main.py's Wisconsin data: Diagnosis M -> 1, B -> 0 (scikit-learn codes malignant 0); 212 of 569 malignant."""
+    from sklearn.datasets import load_breast_cancer
+
+    dm = TabularDataModule(dataset="breast_cancer", scaling="zscore", split_rule="shuffle", split_seed=1, test_size=100)
+    y = torch.cat([split_arrays(dm, s)[1] for s in ("train", "test")])
+    assert len(y) == 569 and int(y.sum()) == 212 and dm.num_features == 30
+    d = load_breast_cancer()
+    assert list(d.target_names) == ["malignant", "benign"] and int((d.target == 0).sum()) == 212
