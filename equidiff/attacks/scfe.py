@@ -16,7 +16,9 @@ gamma_0 = 0.1, the CW margin loss, and its step schedule sigma_i = sigma_{i-1} s
 
 As the reference, the solver can work in box coordinates (``unit_box=True``): x is mapped onto u = (x - lo) /
 (hi - lo) in [0, 1], the perturbation w, ||w||^2, the step sizes and the sparsity term live there, and the
-classifier and the density see lo + (u + w)(hi - lo). With data in [0, 1] this changes nothing.
+classifier and the density see lo + (u + w)(hi - lo). With data in [0, 1] this changes nothing. (The
+reference also clamps w to [mins, maxs], its default range, in these coordinates; that bites only where a
+feature's range does not cover [-1, 1], never for z-scored wine or MNIST in [-1, 1], and is left out.)
 
 The sparsity weight beta follows the reference by default (``beta_convention="reference"``): its l0 and l1
 operators are the prox of sigma beta ||w||_p^p in the form 1/2 ||z - v||^2 + ..., as eq. 13-14 read, but its
