@@ -1,6 +1,6 @@
 """Counterfactual solvers (seed 001): batched S-CFE throughput, and GSE / PGD time per CIFAR-10-size image.
 
-1. S-CFE on scikit-learn digits (64 flat features in [0, 1], logistic regression, KDE plausibility, l0
+1. S-CFE on scikit-learn digits (64 flat features in [-1, 1], logistic regression, KDE plausibility, l0
    penalty: the settings of ``conf/experiment/counterfactual/digits_scfe_kde.yaml``): counterfactuals per
    second for one batch of ``n`` test rows against a per-sample loop of the same code. Target: >= 10x.
    Every sample has its own gamma, bracket and stopping, so the batch computes exactly what the loop does
@@ -29,14 +29,14 @@ def _scfe_throughput(n: int, device: str) -> dict:
     from equidiff.data.tabular import TabularDataModule, split_arrays
     from equidiff.utils.rng import generators_for
 
-    dm = TabularDataModule(dataset="digits", scaling="global_minmax")
+    dm = TabularDataModule(dataset="digits", scaling="global_pm1")
     (xtr, ytr), (x, y) = split_arrays(dm, "train"), split_arrays(dm, "test")
     x, y = x[:n].to(device), y[:n].to(device)
     clf = logistic_regression(dm).to(device)
     density = KDEDensity().fit(xtr, ytr).to(device)
-    target = TargetRule("uniform", 10)(y, generators_for(range(n))).to(device)
+    target = TargetRule("next", 10)(y, generators_for(range(n))).to(device)
     box = tuple(b.to(device) for b in dm.box)
-    settings = dict(box=box, density=density, tau=0.3, sparsity="l0", beta=0.05)
+    settings = dict(box=box, unit_box=True, density=density, tau=15.0, sparsity="l0", beta=25.0, step_size=0.5)
 
     def batched():
         scfe(clf, x, target, source=y, **settings)

@@ -43,7 +43,7 @@ def run(device: str = "cpu", n: int = 128, loop_n: int = 16) -> dict:
     start = time.perf_counter()
     train = spurious_digits_arrays("train")
     clf = _erm_source_model(train["image"], train["label"], device)
-    density = KDEDensity().fit(train["image"], train["label"]).to(device)
+    density = KDEDensity(rule="gridsearch", normaliser="density").fit(train["image"], train["label"]).to(device)
     x, y = train["image"][:n].to(device), train["label"][:n].to(device)
     target = 1 - y  # two classes: the uniform rule's only choice
     settings = dict(box=(-1.0, 1.0), density=density, tau=0.3, sparsity="l0", beta=0.05)

@@ -7,8 +7,10 @@ Every operator solves, coordinate by coordinate, the one-dimensional problem
 in closed form: p = 1 soft thresholding, p = 1/2 the half-thresholding of Xu et al. (2012), p = 2/3 the
 thresholding of Cao, Sun & Xu (2013), p = 0 hard thresholding. The published formulas are written for
 (z - v)^2 + lambda |z|^p, without the 1/2; here ``lam`` is the weight in the form above (lambda = 2 lam).
-The reference code (wagnermoritz/SCFE, GSE) passes its weight straight into the published formula, so
-its beta is twice ours; GSE's lambda is found by bisection, where the convention cancels out.
+The reference code (wagnermoritz/SCFE, GSE) passes its weight straight into the published p = 1/2 formula,
+so there its beta is twice ours (S-CFE's ``beta_convention="reference"`` halves it); its l0 and l1
+operators use the form above, so beta agrees for them. GSE's lambda is found by bisection, where the
+convention cancels out.
 
 ``prox_box`` adds the box: z must keep x + z in [lo, hi] (an interval around 0 for every coordinate).
 For p < 1 the penalty is not convex and clamping the unconstrained minimiser is not enough: the
