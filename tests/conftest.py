@@ -6,6 +6,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the CLI runs that tests start in subprocesses load test callbacks (``+callbacks.x._target_=tests.helpers.X``):
+# the console script's sys.path holds the venv's bin folder, not the repository, so put the repository first
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join([_REPO, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))])
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

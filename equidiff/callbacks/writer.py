@@ -41,10 +41,13 @@ class SampleWriter(BasePredictionWriter):
       there and whole) and every process gets the finished seeds, which the DataModule leaves out of the
       predict dataloader: re-running a stopped job finishes it. A damaged or half-written sample is logged
       with its file and recomputed.
-    * At ``on_predict_start`` rank 0 removes the damaged samples' files and the folder's merged outputs
+    * At ``on_predict_start`` rank 0 removes the damaged samples' files; a barrier follows: no process writes
+      before that.
+    * Right before this run's first sample (on any process) or its merge, the folder's merged outputs
       (``derived_files``: ``samples.npz``, ``samples.csv``, ``metrics.json``, ``grid.png``, every figure), which
-      described the folder before this run; they are written again when the run completes, so a folder never
-      shows merged outputs of another sample set. A barrier follows: no process writes before that.
+      described the folder before this run, are removed; they are written again when the run completes, so a
+      folder never shows merged outputs of another sample set. Not earlier: a run that fails before its first
+      result leaves the folder as it found it (``utils/runs.RunFolder``), merged outputs included.
     * After the epoch, a barrier, then rank 0 checks that every expected seed is on disk exactly
       once, whole, and with an image if any sample has one, and writes ``samples.npz`` (``arr_0`` uint8
       NHWC images, ``arr_1`` labels, ``arr_2`` seeds, sorted by seed; the ADM/guided-diffusion evaluator
@@ -59,6 +62,7 @@ class SampleWriter(BasePredictionWriter):
         self.merge, self.image_key, self.label_key = merge, image_key, label_key
         self.skipped: set[int] = set()
         self.damaged: dict[int, str] = {}
+        self._cleared = False  # the folder's merged outputs removed by this run (``_remove_derived_files``)
 
     # ------------------------------------------------------------------ resume
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -97,17 +101,25 @@ class SampleWriter(BasePredictionWriter):
         return files
 
     def on_predict_start(self, trainer, pl_module) -> None:
+        self._cleared = False
         if trainer.is_global_zero:
             for seed in self.damaged:
                 for path in sample_paths(self.samples_dir, seed):
                     path.unlink(missing_ok=True)
-            stale = [p for p in dict.fromkeys(self.derived_files(trainer)) if p.exists()]
-            for path in stale:
-                path.unlink()
-            if stale:
-                log.info("removed %s of the folder's earlier state; they are written again when this run completes",
-                         ", ".join(p.name for p in stale))
         trainer.strategy.barrier("equidiff_sample_writer_start")  # nothing is written before the clean-up
+
+    def _remove_derived_files(self, trainer) -> None:
+        """Once per run, on whichever process writes first: unlink the merged outputs (``missing_ok``, so
+        processes racing here on a shared filesystem are harmless)."""
+        if self._cleared:
+            return
+        self._cleared = True
+        stale = [p for p in dict.fromkeys(self.derived_files(trainer)) if p.exists()]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        if stale:
+            log.info("removed %s of the folder's earlier state; they are written again when this run completes",
+                     ", ".join(p.name for p in stale))
 
     # ------------------------------------------------------------------ write
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx,
@@ -117,6 +129,7 @@ class SampleWriter(BasePredictionWriter):
         for j in range(check_record(prediction)):
             if int(prediction["seed"][j]) in self.skipped:
                 continue  # written by an earlier run
+            self._remove_derived_files(trainer)
             write_sample(self.samples_dir, prediction, j, image_key=self.image_key)
 
     # ------------------------------------------------------------------ merge
@@ -129,6 +142,7 @@ class SampleWriter(BasePredictionWriter):
             return
         trainer.strategy.barrier("equidiff_sample_writer")
         if trainer.is_global_zero:
+            self._remove_derived_files(trainer)
             self.merge_samples(sorted(trainer.datamodule.predict_seeds()))
         trainer.strategy.barrier("equidiff_sample_writer_merged")
 
