@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
 from equidiff.data.base import EquidiffDataModule
@@ -67,10 +67,15 @@ class ImageNetDataModule(EquidiffDataModule):
         image_size: resize (short side) + center crop to this size (default 256); None = native sizes
             (which differ per image, so batch_size 1).
         classes: optional list of wnids to read.
+        square_resize: resize both sides to ``image_size`` (aspect ratio not kept), as GSE's evaluation does
+            (``Resize((256, 256))``), instead of short side + center crop.
+        indices_path: a text file of comma-separated indices into the validation set (the ``val`` and
+            ``test`` splits read only those images, in the file's order): GSE's ``random_10k_indices.txt``
+            (wagnermoritz/GSE), whose indices count the sorted wnid folders and sorted files, as here.
     """
 
     def __init__(self, root: str, *, image_size: int | None = 256, classes: Sequence[str] | None = None,
-                 **kwargs):
+                 square_resize: bool = False, indices_path: str | None = None, **kwargs):
         super().__init__(**kwargs)
         self.root = check_root("ImageNet", root, LAYOUT, SOURCE)
         present = [name for name in ("train", "val") if (self.root / name).is_dir()]
@@ -96,7 +101,8 @@ class ImageNetDataModule(EquidiffDataModule):
         index = {wnid: i for i, wnid in enumerate(self.wnids)}
         self.class_to_idx = {wnid: index[wnid] for wnid in self.classes}
         self.image_size = image_size
-        self.transform = image_transform(image_size)
+        self.transform = image_transform(image_size, square_resize=square_resize)
+        self.indices = read_indices(indices_path) if indices_path is not None else None
 
     def make_dataset(self, split: str) -> Dataset:
         folder = self.root / SPLIT_FOLDERS[split]
@@ -104,6 +110,31 @@ class ImageNetDataModule(EquidiffDataModule):
             raise DataLayoutError(f"ImageNet: split {split!r} reads {str(folder)!r}, which does not exist. "
                                   f"Expected {LAYOUT}. {SOURCE}")
         try:
-            return IndexedImageFolder(folder, self.class_to_idx, self.transform)
+            ds = IndexedImageFolder(folder, self.class_to_idx, self.transform)
         except FileNotFoundError as e:  # a class folder without images
             raise DataLayoutError(f"ImageNet: {e}. Expected {LAYOUT}. {SOURCE}") from e
+        if self.indices is None or SPLIT_FOLDERS[split] != "val":
+            return ds
+        too_big = [i for i in self.indices if i >= len(ds)]
+        if too_big:
+            raise DataLayoutError(f"ImageNet: the indices file names image {max(too_big)} but {str(folder)!r} holds "
+                                  f"{len(ds)} images; it indexes the full 50,000-image validation set (all 1000 "
+                                  f"class folders, data.classes=null)")
+        return Subset(ds, self.indices)
+
+
+def read_indices(path: str | os.PathLike) -> list[int]:
+    """Comma-separated (or whitespace-separated) non-negative integers from a text file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataLayoutError(f"ImageNet: no indices file at {str(p)!r}; for GSE's evaluation copy "
+                              f"random_10k_indices.txt from https://github.com/wagnermoritz/GSE there, or set "
+                              f"data.indices_path=null to read the whole validation set")
+    try:
+        out = [int(tok) for tok in p.read_text().replace(",", " ").split()]
+    except ValueError as e:
+        raise DataLayoutError(f"ImageNet: {str(p)!r} must hold comma-separated integers ({e})") from e
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        raise DataLayoutError(f"ImageNet: {str(p)!r} must hold distinct non-negative indices, got {len(out)} "
+                              f"entries")
+    return out
