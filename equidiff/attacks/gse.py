@@ -8,7 +8,7 @@ F(r) = L(f(x + r), y~) + mu ||r||_2^2, iteration j of one run (t_0 = 1, t' = (1 
     j < k_hat:  v = prox_{sigma lambda |.|^(1/2)}(r - sigma g)      (2. phase I: FBS step, per-pixel 1/2 prox)
     j >= k_hat: v = (r - sigma g) on V, 0 elsewhere                  (2. phase II: projected gradient step)
     r <- (t / t') v + (1 - t / t') v_old;  v_old <- v                 (3. the reference's momentum)
-    j < k_hat:  lambda <- lambda / Mbar(r)                            (4. M = blur(sign(sum_c |r|)); Mbar = M + 1, q off it)
+    j < k_hat:  lambda <- lambda / Mbar(r)              (4. M = blur(sign(sum_c |r|)); Mbar = M + 1, q off it)
     r <- clip(x + r) - x;  t <- t'; a sample stops at its first successful iterate
 
 An outer search on lambda_0 (``search_steps``): success -> lambda_0 grows (x ``search_factor`` until a failure

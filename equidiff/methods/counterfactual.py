@@ -11,8 +11,8 @@ The record (the p-CFE datasets of the learning-from-counterfactuals issue read i
 * ``label`` = ``target`` = y~ (the perturbed dataset's label), ``source_label`` = y, ``index`` (the source
   item's position in its split), ``seed``;
 * ``pred`` = f(x'), ``source_pred`` = f(x), ``valid`` (f(x') = y~, or f(x') != y untargeted), ``time``
-  (the batch's solver time divided by its size), ``l2``, ``l0`` and for images ``acp``, ``anc``, ``d20``,
-  all computed on the solver's float output;
+  (the batch's solver time divided by the inputs attacked; 0 for an input not attacked), ``l2``, ``l0`` and
+  for images ``acp``, ``anc``, ``d20``, all computed on the solver's float output;
 * ``counterfactual``: the float x' for images (``keep_float``; the PNG is rounded to uint8), ``input``: the
   original x (``keep_input``; default for tabular data only, images are in the dataset already);
 * ``correct`` (f(x) = y) and ``attacked``: with ``only_correct`` (GSE's evaluation protocol) a misclassified

@@ -55,7 +55,7 @@ def attacks():
 
 def test_gse_targeted_success_with_fewer_changed_pixels_and_regions_than_pgd_l2(attacks):
     (gse_asr, g), (pgd_asr, p) = attacks["gse"], attacks["pgd"]
-    # measured here: GSE 100% success, ACP 9.5, ANC 1.25; PGD-l2 (eps 2.0) 100%, ACP 47.5, ANC 1.40
+    # measured here: GSE 100% success, ACP 12.6, ANC 1.28; PGD-l2 (eps 2.0) 100%, ACP 47.4, ANC 1.40
     assert gse_asr >= 0.95 and pgd_asr >= gse_asr
     assert g["acp"] < 0.5 * p["acp"], (g, p)
     assert g["anc"] < p["anc"] - 0.05, (g, p)
@@ -64,7 +64,7 @@ def test_gse_targeted_success_with_fewer_changed_pixels_and_regions_than_pgd_l2(
 
 def test_gse_groups_its_pixels_unlike_a_pixel_sparse_attack(attacks):
     (_, g), (l0_asr, s) = attacks["gse"], attacks["l0"]
-    # measured here: 5.0 regions (8.8 changed pixels) for the l0 attack against 1.25 (9.5) for GSE
+    # measured here: 5.45 regions (12.9 changed pixels) for the l0 attack against 1.28 (12.6) for GSE
     assert l0_asr >= 0.9 and g["anc"] < 0.5 * s["anc"], (g, s)
 
 

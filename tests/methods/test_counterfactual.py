@@ -51,7 +51,8 @@ OVERRIDES = {
     "counterfactual/digits_gse_protocol_untargeted": ("predict", [*DIGITS_PROTOCOL, *GSE_FAST]),
     "counterfactual/cifar10_gse_protocol_targeted": ("predict", [*CIFAR, *GSE_FAST]),
     "counterfactual/cifar10_gse_protocol_untargeted": ("predict", [*CIFAR, *GSE_FAST]),
-    "counterfactual/imagenet_gse_protocol_targeted": ("predict", [*IMAGENET, *GSE_FAST, "method.targets.offsets=[2,1]"]),
+    "counterfactual/imagenet_gse_protocol_targeted": ("predict", [*IMAGENET, *GSE_FAST,
+                                                                  "method.targets.offsets=[2,1]"]),
     "counterfactual/imagenet_gse_protocol_untargeted": ("predict", [*IMAGENET, *GSE_FAST]),
 }
 
