@@ -242,3 +242,26 @@ def test_gse_protocol_bad_input_is_a_config_error_that_writes_nothing(tmp_path):
     method = Counterfactual(never_right_classifier(), lambda *a, **k: a[1], TargetRule("offsets"), only_correct=True)
     with pytest.raises(ConfigError, match="no 'label' entry.*labelled dataset"):
         method.predict_step({"image": x, "seed": torch.arange(2), "index": torch.arange(2)}, 0)
+
+
+@pytest.mark.slow
+def test_gse_protocol_is_the_same_with_two_processes(tmp_path):
+    """1 process vs 2 (gloo) through the CLI: the same records (whole inputs per seed) and metrics."""
+    from tests.helpers import run_cli
+
+    def make(name, *trainer):
+        args = ["experiment=counterfactual/digits_gse_protocol_targeted", *LOGREG[1:], "data.batch_size=8",
+                f"paths.output_dir={tmp_path}/{name}", "logger=none", *trainer]
+        result = run_cli(["predict", *args], timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return tmp_path / name
+
+    one, two = make("one", "trainer=cpu"), make("two", "trainer=ddp_cpu", "trainer.devices=2")
+    m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    for k, v in m1.items():
+        if "time" not in k:
+            assert float(m2[k]) == pytest.approx(float(v), rel=1e-12, nan_ok=True), k
+    for s in range(90):
+        a, b = read_sample(one / "samples", s), read_sample(two / "samples", s)
+        np.testing.assert_array_equal(a["valid"], b["valid"])
+        np.testing.assert_allclose(a["counterfactual"], b["counterfactual"], rtol=0, atol=1e-6)
