@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision.datasets import ImageFolder
 
 from equidiff.data.base import EquidiffDataModule
@@ -80,10 +80,15 @@ class ImageNetDataModule(EquidiffDataModule):
             (which differ per image, so batch_size 1).
         classes: optional list of wnids to read.
         label_map: "auto", "ilsvrc2012" or "folders" (above).
+        square_resize: resize both sides to ``image_size`` (aspect ratio not kept), as GSE's evaluation does
+            (``Resize((256, 256))``), instead of short side + center crop.
+        indices_path: a text file of comma-separated indices into the validation set (the ``val`` and
+            ``test`` splits read only those images, in the file's order): GSE's ``random_10k_indices.txt``
+            (wagnermoritz/GSE), whose indices count the sorted wnid folders and sorted files, as here.
     """
 
     def __init__(self, root: str, *, image_size: int | None = 256, classes: Sequence[str] | None = None,
-                 label_map: str = "auto", **kwargs):
+                 label_map: str = "auto", square_resize: bool = False, indices_path: str | None = None, **kwargs):
         super().__init__(**kwargs)
         if label_map not in LABEL_MAPS:
             raise ConfigError(f"ImageNet: label_map must be one of {LABEL_MAPS}, got {label_map!r}")
@@ -124,7 +129,8 @@ class ImageNetDataModule(EquidiffDataModule):
             raise ConfigError(f"ImageNet: classes {unknown[:10]} are not class folders under "
                               f"{str(self.root)!r} (it has {len(on_disk)}, e.g. {on_disk[:3]})")
         self.image_size = image_size
-        self.transform = image_transform(image_size)
+        self.transform = image_transform(image_size, square_resize=square_resize)
+        self.indices = read_indices(indices_path) if indices_path is not None else None
 
     def make_dataset(self, split: str) -> Dataset:
         folder = self.root / SPLIT_FOLDERS[split]
@@ -133,6 +139,31 @@ class ImageNetDataModule(EquidiffDataModule):
                                   f"Expected {LAYOUT}. {SOURCE}")
         wnids = self.classes if self.classes is not None else class_folders(folder)
         try:
-            return IndexedImageFolder(folder, {wnid: self.index[wnid] for wnid in wnids}, self.transform)
+            ds = IndexedImageFolder(folder, {wnid: self.index[wnid] for wnid in wnids}, self.transform)
         except FileNotFoundError as e:  # a class folder missing or without images
             raise DataLayoutError(f"ImageNet: {e} in {str(folder)!r}. Expected {LAYOUT}. {SOURCE}") from e
+        if self.indices is None or SPLIT_FOLDERS[split] != "val":
+            return ds
+        too_big = [i for i in self.indices if i >= len(ds)]
+        if too_big:
+            raise DataLayoutError(f"ImageNet: the indices file names image {max(too_big)} but {str(folder)!r} holds "
+                                  f"{len(ds)} images; it indexes the full 50,000-image validation set (all 1000 "
+                                  f"class folders, data.classes=null)")
+        return Subset(ds, self.indices)
+
+
+def read_indices(path: str | os.PathLike) -> list[int]:
+    """Comma-separated (or whitespace-separated) non-negative integers from a text file."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataLayoutError(f"ImageNet: no indices file at {str(p)!r}; for GSE's evaluation copy "
+                              f"random_10k_indices.txt from https://github.com/wagnermoritz/GSE there, or set "
+                              f"data.indices_path=null to read the whole validation set")
+    try:
+        out = [int(tok) for tok in p.read_text().replace(",", " ").split()]
+    except ValueError as e:
+        raise DataLayoutError(f"ImageNet: {str(p)!r} must hold comma-separated integers ({e})") from e
+    if not out or min(out) < 0 or len(set(out)) != len(out):
+        raise DataLayoutError(f"ImageNet: {str(p)!r} must hold distinct non-negative indices, got {len(out)} "
+                              f"entries")
+    return out

@@ -13,9 +13,11 @@ Per sample (functional):
   points, reported as the LOF value -score_samples (about 1 for inliers; lower is more plausible).
 
 "Changed" means |x' - x| > ``atol`` (1e-6 by default), so float round trips (e.g. ART's [0, 1] mapping) do
-not count as changes. Aggregates (classes): ``CounterfactualSummary`` averages per-sample record entries
-(over valid samples, as GSE's tables, and over all), ``PerturbationMetrics`` computes them from (x', x),
-``LOFPlausibility`` and ``DensityScore`` (KDE / GMM log-density under the target class).
+not count as changes (GSE's protocol uses atol 0: every exact change counts, as its code does). Aggregates
+(classes): ``CounterfactualSummary`` averages per-sample record entries (over valid samples and over all),
+``AttackProtocol`` is GSE's evaluation protocol (best / average / worst case per input over its targets),
+``PerturbationMetrics`` computes them from (x', x), ``LOFPlausibility`` and ``DensityScore`` (KDE / GMM
+log-density under the target class).
 """
 
 from __future__ import annotations
@@ -154,6 +156,93 @@ class CounterfactualSummary(Metric):
         for i, name in enumerate(self.names):
             out[name] = self.sum_valid[i] / self.n_valid if self.n_valid > 0 else nan
             out[f"{name}_all"] = self.sum_all[i] / self.n.clamp_min(1)
+        return out
+
+
+PROTOCOL_CASES = ("best", "average", "worst", "successful")
+
+
+class AttackProtocol(Metric):
+    """GSE's evaluation protocol (wagnermoritz/GSE utils.py ``test_targeted`` / ``test_untargeted``).
+
+    ``update(attacked, valid, *values)``: per input, ``attacked`` (0 for an input the protocol leaves out: the
+    classifier gets it wrong), and ``valid`` and the values (``names``, e.g. ACP, ANC, d_2,0, l2) either [B]
+    (one attack per input) or [B, T] (the input attacked toward T targets). Over the attacked inputs:
+
+    * ``best``: ASR = share of inputs with at least one successful attack; each value = mean over those
+      inputs of its minimum over the successful attacks (each value minimised on its own, as the code does);
+    * ``average``: ASR = share of successful attacks; each value = mean over all attacks, failed ones
+      included with the values of what the attack returned (GSE returns x, so 0);
+    * ``worst``: ASR = share of inputs whose every attack succeeded; each value = mean over those inputs of
+      its maximum over the attacks;
+    * ``successful``: ASR = share of successful attacks; values = mean over the successful attacks (for one
+      attack per input, the untargeted table of ``test_untargeted``; equal to ``best`` there).
+
+    A case without inputs gives NaN (the reference writes NaN too). ``compute()`` also gives ``inputs``
+    (records seen) and ``attacked``. States are sums, so the result is exact under any sharding; it does not
+    reproduce the reference's results files, whose ``zip`` truncates the best / worst ASR column to the
+    number of inputs with a best / worst value (a bookkeeping slip; the definitions above are its
+    ``successes_baw``).
+    """
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, names: Sequence[str] = ("acp", "anc", "d20", "l2"),
+                 cases: Sequence[str] = ("best", "average", "worst"), **kwargs):
+        super().__init__(**kwargs)
+        unknown = [c for c in cases if c not in PROTOCOL_CASES]
+        if unknown or not cases:
+            raise ConfigError(f"unknown protocol case(s) {unknown or cases}; choose from {list(PROTOCOL_CASES)}")
+        self.names, self.cases = list(names), list(cases)
+        k = len(self.names)
+        for state in ("inputs", "attacked", "pairs", "ok_pairs", "any_ok", "all_ok"):
+            self.add_state(state, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        for state in ("sum_best", "sum_average", "sum_worst", "sum_successful"):
+            self.add_state(state, default=torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, attacked: torch.Tensor, valid: torch.Tensor, *values: torch.Tensor) -> None:
+        if len(values) != len(self.names):
+            raise ConfigError(f"AttackProtocol got {len(values)} value(s) for names {self.names}")
+        att = attacked.reshape(-1).bool()
+        ok = valid.reshape(len(att), -1).bool() & att[:, None]  # (B, T)
+        if values:
+            vals = torch.stack([torch.as_tensor(v, device=ok.device).double().reshape(ok.shape) for v in values], -1)
+        else:
+            vals = ok.new_zeros(*ok.shape, 0, dtype=torch.float64)
+        vals = vals[att]  # (n, T, k) of the attacked inputs
+        ok = ok[att]
+        any_ok, all_ok = ok.any(1), ok.all(1)
+        self.inputs += len(att)
+        self.attacked += att.sum()
+        self.pairs += ok.numel()
+        self.ok_pairs += ok.sum()
+        self.any_ok += any_ok.sum()
+        self.all_ok += all_ok.sum()
+        inf = torch.tensor(float("inf"), dtype=torch.float64, device=ok.device)
+        best = torch.where(ok[..., None], vals, inf).amin(1)  # each value's minimum over the successful attacks
+        self.sum_best += best[any_ok].sum(0)
+        self.sum_average += vals.sum((0, 1))
+        self.sum_worst += vals.amax(1)[all_ok].sum(0)
+        self.sum_successful += (vals * ok[..., None]).sum((0, 1))
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        if self.attacked == 0:
+            raise ConfigError(f"the protocol attacked none of the {int(self.inputs)} input(s): the classifier "
+                              f"classifies none of them correctly. Check the classifier's weights "
+                              f"(classifier.weights_path) and that the data match it (range, classes), or set "
+                              f"method.only_correct=false to attack every input")
+        out = {"inputs": self.inputs, "attacked": self.attacked}
+        counts = {"best": (self.any_ok, self.attacked, self.any_ok), "average": (self.ok_pairs, self.pairs, self.pairs),
+                  "worst": (self.all_ok, self.attacked, self.all_ok),
+                  "successful": (self.ok_pairs, self.pairs, self.ok_pairs)}
+        nan = torch.tensor(float("nan"), dtype=torch.float64, device=self.inputs.device)
+        for case in self.cases:
+            hits, total, n = counts[case]
+            sums = getattr(self, f"sum_{case}")
+            out[f"{case}/asr"] = hits / total
+            for i, name in enumerate(self.names):
+                out[f"{case}/{name}"] = sums[i] / n if n > 0 else nan
         return out
 
 

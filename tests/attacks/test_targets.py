@@ -43,3 +43,28 @@ def test_bad_targets_are_config_errors():
         TargetRule("next")(torch.tensor([0]))
     with pytest.raises(ConfigError, match="one generator per sample"):
         TargetRule("uniform", 3)(torch.tensor([0, 1]), generators_for([0]))
+
+
+def test_offsets_rule_gives_every_other_class_or_the_given_offsets():
+    labels = torch.tensor([0, 3, 9])
+    every = TargetRule("offsets", 10)(labels)
+    assert every.shape == (3, 9)
+    for y, row in zip(labels.tolist(), every.tolist(), strict=True):  # GSE's CIFAR-10 protocol: (y + 1..9) mod 10
+        assert row == [(y + o) % 10 for o in range(1, 10)] and sorted(row) == [c for c in range(10) if c != y]
+    fixed = TargetRule("offsets", 1000, offsets=[857, 477])(torch.tensor([200, 999]))
+    assert fixed.tolist() == [[57, 677], [856, 476]]  # GSE's ImageNet offsets, (y + o) mod 1000
+    assert TargetRule("offsets", 10).per_sample == 9 and TargetRule("offsets", offsets=[1, 2]).per_sample == 2
+    assert TargetRule("uniform", 10).per_sample is None
+
+
+def test_offsets_that_the_classes_cannot_cover_are_config_errors():
+    with pytest.raises(ConfigError, match=r"do not fit 10 classes.*1\.\.9"):
+        TargetRule("offsets", 10, offsets=[857, 477])
+    with pytest.raises(ConfigError, match="do not fit 3 classes"):
+        TargetRule("offsets", offsets=[0, 1])(torch.tensor([0]), num_classes=3)
+    with pytest.raises(ConfigError, match="distinct"):
+        TargetRule("offsets", 10, offsets=[1, 1])
+    with pytest.raises(ConfigError, match="offsets rule"):
+        TargetRule("uniform", 10, offsets=[1])
+    with pytest.raises(ConfigError, match="number of classes"):
+        TargetRule("offsets")(torch.tensor([0]))

@@ -256,6 +256,29 @@ def test_imagenet_val_only_root(tmp_path):
         dm.dataset("train")
 
 
+def test_imagenet_gse_indices_and_square_resize(tmp_path):
+    # GSE's evaluation: the val images listed in a comma-separated indices file, in its order, resized to a square
+    w = write_fake_imagenet(tmp_path, n_val=2, size=(12, 6))
+    (tmp_path / "idx.txt").write_text("4, 0, 3")
+    dm = ImageNetDataModule(str(tmp_path), image_size=8, square_resize=True, indices_path=str(tmp_path / "idx.txt"))
+    val, train = dm.dataset("val"), dm.dataset("train")
+    assert len(val) == 3 and len(train) == len(w["train"])  # the training split is not subset
+    for i, j in enumerate([4, 0, 3]):
+        item = val[i]
+        check_image(item["image"], (3, 8, 8))  # squashed from 12 x 6, nothing cropped
+        assert item["label"] == w["val"][j][1] and item["index"] == i and item["seed"] == i
+        assert_color(item["image"], w["val"][j][2])
+    check_image(ImageNetDataModule(str(tmp_path), image_size=8).dataset("val")[0]["image"], (3, 8, 8))
+    (tmp_path / "big.txt").write_text("1, 6")
+    with pytest.raises(DataLayoutError, match="names image 6"):
+        ImageNetDataModule(str(tmp_path), image_size=8, indices_path=str(tmp_path / "big.txt")).dataset("val")
+    with pytest.raises(DataLayoutError, match="random_10k_indices"):
+        ImageNetDataModule(str(tmp_path), indices_path=str(tmp_path / "missing.txt"))
+    (tmp_path / "bad.txt").write_text("1, x")
+    with pytest.raises(DataLayoutError, match="integers"):
+        ImageNetDataModule(str(tmp_path), indices_path=str(tmp_path / "bad.txt"))
+
+
 def test_imagenet_unsorted_val_folder(tmp_path):
     (tmp_path / "val").mkdir()
     (tmp_path / "val" / "ILSVRC2012_val_00000001.JPEG").write_bytes(b"")

@@ -10,6 +10,7 @@ from sklearn.neighbors import LocalOutlierFactor
 from equidiff.attacks.density import KDEDensity
 from equidiff.errors import ConfigError
 from equidiff.metrics.counterfactual import (
+    AttackProtocol,
     CounterfactualSummary,
     DensityScore,
     LOFPlausibility,
@@ -154,3 +155,60 @@ def test_pixel_metrics_need_images():
         changed_pixels(torch.zeros(2, 5), torch.ones(2, 5))
     with pytest.raises(ConfigError, match="patch_size"):
         changed_patches(torch.zeros(1, 1, 4, 4), torch.ones(1, 1, 4, 4), 0)
+
+
+def _protocol_example():
+    """Four inputs (the last not attacked), three targets each, values ACP and l2 of what each attack returned."""
+    attacked = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    valid = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 0, 0], [1, 1, 1]], dtype=torch.float64)
+    # input 0's failed attack returned a perturbation (as PGD would; GSE returns x, all 0)
+    acp = torch.tensor([[4, 2, 6], [3, 5, 1], [0, 0, 0], [7, 7, 7]], dtype=torch.float64)
+    l2 = torch.tensor([[1.0, 3.0, 2.0], [2.0, 0.5, 4.0], [0.0, 0.0, 0.0], [9.0, 9.0, 9.0]], dtype=torch.float64)
+    return attacked, valid, acp, l2
+
+
+def test_attack_protocol_by_hand():
+    m = AttackProtocol(["acp", "l2"], cases=["best", "average", "worst", "successful"])
+    m.update(*_protocol_example())
+    out = m.compute()
+    expected = {  # worked out by hand; input 3 is not attacked and counts nowhere
+        "inputs": 4, "attacked": 3,
+        # best: inputs with a success (0, 1); each value minimised over that input's successful attacks on its own
+        "best/asr": 2 / 3, "best/acp": (2 + 1) / 2, "best/l2": (1.0 + 0.5) / 2,
+        # average: all 9 attacks, failed ones with the values of what they returned
+        "average/asr": 5 / 9, "average/acp": 21 / 9, "average/l2": 12.5 / 9,
+        # worst: inputs whose every attack succeeded (1); each value maximised over its attacks
+        "worst/asr": 1 / 3, "worst/acp": 5.0, "worst/l2": 4.0,
+        # successful: the 5 successful attacks
+        "successful/asr": 5 / 9, "successful/acp": 15 / 5, "successful/l2": 10.5 / 5,
+    }
+    assert set(out) == set(expected)
+    for k, v in expected.items():
+        assert out[k].item() == pytest.approx(v, abs=1e-12), k
+
+
+def test_attack_protocol_is_sum_reduced_and_takes_one_attack_per_input():
+    attacked, valid, acp, l2 = _protocol_example()
+    whole, parts = AttackProtocol(["acp", "l2"]), [AttackProtocol(["acp", "l2"]) for _ in range(2)]
+    whole.update(attacked, valid, acp, l2)
+    parts[0].update(attacked[:1], valid[:1], acp[:1], l2[:1])  # two "processes"
+    parts[1].update(attacked[1:], valid[1:], acp[1:], l2[1:])
+    parts[0].merge_state(parts[1])
+    a, b = whole.compute(), parts[0].compute()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    one = AttackProtocol(["acp"], cases=["successful", "best"])  # [B] entries: one attack per input (untargeted)
+    one.update(attacked, valid[:, 0], acp[:, 0])
+    out = one.compute()
+    assert out["successful/asr"] == 2 / 3 and out["successful/acp"] == (4 + 3) / 2 == out["best/acp"]
+
+
+def test_attack_protocol_bad_input():
+    m = AttackProtocol(["acp"])
+    m.update(torch.zeros(2), torch.ones(2, 3), torch.ones(2, 3))
+    with pytest.raises(ConfigError, match="classifies none of them correctly.*only_correct"):
+        m.compute()
+    with pytest.raises(ConfigError, match="unknown protocol case"):
+        AttackProtocol(["acp"], cases=["median"])
+    empty = AttackProtocol(["acp"])
+    empty.update(torch.ones(1), torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 3.0]]))
+    assert torch.isnan(empty.compute()["worst/acp"])  # no input with every attack successful
