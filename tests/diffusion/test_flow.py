@@ -134,6 +134,22 @@ def test_chain_equals_the_sampler_and_starts_anywhere():
         flow_chain(_field, z, SHIFTED, num_steps=8, start_index=7)
 
 
+@pytest.mark.parametrize("checkpoint", [True, False])
+@pytest.mark.parametrize("method", ["euler", "heun2"])
+def test_chain_gradient_on_a_linear_field_is_the_closed_form(method, checkpoint):
+    # v(x, t) = c x: an Euler step multiplies x by (1 + c dt), a Heun step by (1 + c dt + (c dt)^2 / 2) (k1 = c x,
+    # k2 = c (x + dt k1)); the chain is x_N = z prod_k m_k, so d sum(x_N) / dz = prod_k m_k for every entry
+    c, n = -0.8, 7
+    dt = SHIFTED.time_grid(n).double().diff()
+    factor = torch.prod(1 + c * dt) if method == "euler" else torch.prod(1 + c * dt + (c * dt) ** 2 / 2)
+    z = torch.randn(2, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64).requires_grad_(True)
+    with torch.enable_grad():
+        out = flow_chain(lambda x, t: c * x, z, SHIFTED, num_steps=n, checkpoint=checkpoint, method=method)
+        (grad,) = torch.autograd.grad(out.sum(), z)
+    torch.testing.assert_close(out.detach(), z.detach() * factor, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, factor.expand_as(grad), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("method", ["euler", "heun2"])
 def test_gradients_reach_z_T_and_checkpointing_changes_nothing(method):
     grads = []

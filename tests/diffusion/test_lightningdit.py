@@ -135,6 +135,54 @@ def test_adaln_zero_reduces_the_network_to_embed_norm_and_project():
         torch.testing.assert_close(net(x, torch.tensor([0.3, 0.7]), torch.tensor([1, 1000])), expected)
 
 
+def _written_out_forward(s: dict, x, t, y, heads: int):
+    """The released LightningDiT (patch 1, SwiGLU, RMSNorm, 2D RoPE, adaLN with shift, no qk-norm) written out with
+    plain tensor ops from the paper and DiT's equations, reading the tensors by the reference's key names."""
+    b, c, hgt, wid = x.shape
+    rms = lambda h, w: h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6) * w  # noqa: E731
+    lin = lambda h, name: h @ s[f"{name}.weight"].T + s[f"{name}.bias"]  # noqa: E731
+    # patch 1: one token per latent pixel (row-major), the 1 x 1 patch convolution a matrix product
+    tok = x.flatten(2).transpose(1, 2) @ s["x_embedder.proj.weight"][:, :, 0, 0].T + s["x_embedder.proj.bias"]
+    tok = tok + s["pos_embed"]
+    # t: [cos, sin] of t * 10000^(-k / 128), k < 128, then Linear-SiLU-Linear; c = t_emb + class embedding
+    freqs = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(128) / 128)
+    emb = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], dim=1)
+    cond = lin(F.silu(lin(emb, "t_embedder.mlp.0")), "t_embedder.mlp.2") + s["y_embedder.embedding_table.weight"][y]
+    n, hd = tok.shape[1], tok.shape[2] // heads
+
+    def rope(q):  # pairs (2i, 2i + 1) -> (-q_2i+1, q_2i), then q cos + rotated sin
+        rot = torch.stack([-q[..., 1::2], q[..., 0::2]], dim=-1).reshape(q.shape)
+        return q * s["feat_rope.freqs_cos"] + rot * s["feat_rope.freqs_sin"]
+
+    i = 0
+    while f"blocks.{i}.norm1.weight" in s:
+        p = f"blocks.{i}."
+        sh1, sc1, g1, sh2, sc2, g2 = lin(F.silu(cond), p + "adaLN_modulation.1").chunk(6, dim=1)
+        a = rms(tok, s[p + "norm1.weight"]) * (1 + sc1[:, None]) + sh1[:, None]
+        q, k, v = lin(a, p + "attn.qkv").reshape(b, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+        q, k = rope(q), rope(k)
+        att = torch.softmax(q @ k.transpose(-1, -2) / hd**0.5, dim=-1) @ v
+        tok = tok + g1[:, None] * lin(att.transpose(1, 2).reshape(b, n, -1), p + "attn.proj")
+        m = rms(tok, s[p + "norm2.weight"]) * (1 + sc2[:, None]) + sh2[:, None]
+        u, w = lin(m, p + "mlp.w12").chunk(2, dim=-1)
+        tok = tok + g2[:, None] * lin(F.silu(u) * w, p + "mlp.w3")
+        i += 1
+    shift, scale = lin(F.silu(cond), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
+    out = lin(rms(tok, s["final_layer.norm_final.weight"]) * (1 + scale[:, None]) + shift[:, None], "final_layer.linear")
+    return out.transpose(1, 2).reshape(b, c, hgt, wid)
+
+
+def test_network_equals_its_equations_written_out():
+    state = reference_layout_state_dict(seed=3, scale=0.3)
+    net = load_network(dict(state), CFG)
+    g = torch.Generator().manual_seed(1)
+    x, t, y = torch.randn(3, 4, 4, 4, generator=g), torch.tensor([0.05, 0.5, 0.93]), torch.tensor([2, 999, 1000])
+    with torch.no_grad():
+        ours, expected = net(x, t, y), _written_out_forward(state, x, t, y, heads=TINY["num_heads"])
+    assert expected.abs().mean() > 0.1
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_rotary_embedding_scores_depend_on_relative_position_only():
     rope = RotaryEmbedding2D(head_dim=16, grid=4)
     g = torch.Generator().manual_seed(0)

@@ -89,12 +89,14 @@ def test_the_flow_chain_runs_with_the_null_class_and_optimises_z_T(tiny_folder, 
     assert [c[0] for c in forward_calls] == pytest.approx(grid[:3]) and all(c[1] == [1000, 1000] for c in calls)
 
 
-def test_the_guidance_baseline_and_a_ddim_chain_are_refused_for_a_flow_backbone(tiny_folder, cnn):
+def test_the_guidance_baseline_eta_and_a_ddim_chain_are_refused_for_a_flow_backbone(tiny_folder, cnn):
     from equidiff.diffusion import ddim_chain
 
     bb = load_lightningdit(str(tiny_folder))
     with pytest.raises(ConfigError, match="guidance baseline"):
         sampler(bb, cnn, mode="guidance")
+    with pytest.raises(ConfigError, match="eta must be 0"):
+        sampler(bb, cnn, eta=0.5)
     m = sampler(bb, cnn, chain=ddim_chain)
     with pytest.raises(ConfigError, match="flow-matching backbone"):
         with torch.no_grad():
@@ -143,6 +145,7 @@ def test_resume_after_interruption_gives_the_same_samples(reference_run, tiny_fo
     assert all((out / "samples" / k).stat().st_mtime_ns == v for k, v in before.items())
 
 
+@pytest.mark.slow  # about 40 s on 2 CPU cores; DDP sharding by seed is guarded by default in tests/methods/test_sampling_runs.py
 def test_one_process_and_two_ddp_processes_give_the_same_samples(reference_run, tiny_folder):
     tmp, _, ref = reference_run
     out = tmp / "ddp"
