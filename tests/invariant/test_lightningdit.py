@@ -155,3 +155,20 @@ def test_one_process_and_two_ddp_processes_give_the_same_samples(reference_run, 
     ddp = load_samples(out)
     assert ddp["seeds"].tolist() == list(range(6))
     np.testing.assert_array_equal(ddp["images"], ref["images"])
+
+
+@pytest.mark.slow  # one CLI run through the script (about 30 s here)
+def test_slurm_script_runs_the_lightningdit_experiment_by_default(tmp_path):
+    import subprocess
+
+    from tests.helpers import REPO
+    from tests.test_slurm import _env, _fake_bin
+
+    bin_dir = _fake_bin(tmp_path, 'exec "$@"')  # a one-task srun
+    out = tmp_path / "out"
+    r = subprocess.run(["bash", str(REPO / "slurm" / "invariant.sh"), *[o.format(tmp=tmp_path) for o in LDIT_INVARIANT],
+                        f"paths.output_dir={out}", "logger=csv"], env=_env(bin_dir, TRAINER="cpu"),
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "invariant_imagenet_lightningdit_logits" in (out / "config.yaml").read_text()
+    assert load_samples(out)["seeds"].tolist() == [0, 1, 2, 3]
