@@ -328,8 +328,8 @@ def checkpoint_state_dict(obj, source: str = "checkpoint") -> dict[str, torch.Te
 def _hints(missing: list[str], extra: list[str]) -> str:
     keys = " ".join(missing + extra)
     hints = []
-    for name, flag in (("w12", "use_swiglu"), ("fc1", "use_swiglu"), ("feat_rope", "use_rope"), ("q_norm", "use_qknorm"),
-                       ("norm1.weight", "use_rmsnorm"), ("norm_final.weight", "use_rmsnorm")):
+    for name, flag in (("w12", "use_swiglu"), ("fc1", "use_swiglu"), ("feat_rope", "use_rope"),
+                       ("q_norm", "use_qknorm"), ("norm1.weight", "use_rmsnorm"), ("norm_final.weight", "use_rmsnorm")):
         if name in keys and flag not in hints:
             hints.append(flag)
     return f" (check --{', --'.join(h.replace('_', '-') for h in hints)})" if hints else ""
@@ -471,7 +471,8 @@ def convert_checkpoint(checkpoint: str | Path, vae_checkpoint: str | Path, stats
         save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp / WEIGHTS_FILE))
         save_file({"mean": mean, "std": std}, str(tmp / STATS_FILE))
         vae.save_pretrained(str(tmp / "vae"))
-        meta = {"model": asdict(cfg), "latent_multiplier": float(latent_multiplier), "image_size": cfg.input_size * down,
+        meta = {"model": asdict(cfg), "latent_multiplier": float(latent_multiplier),
+                "image_size": cfg.input_size * down,
                 "sources": {"checkpoint": str(checkpoint), "vae": str(vae_checkpoint), "latent_stats": str(stats)}}
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         if output_dir.exists():
@@ -563,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     from equidiff.diffusion.vavae import ldm_vae_config
 
     args = _parser().parse_args(argv)
-    given = {f.name: getattr(args, f.name) for f in fields(LightningDiTConfig) if getattr(args, f.name, None) is not None}
+    given = {f.name: getattr(args, f.name) for f in fields(LightningDiTConfig)
+             if getattr(args, f.name, None) is not None}
     try:
         try:
             mult = tuple(int(m) for m in args.vae_ch_mult.split(","))

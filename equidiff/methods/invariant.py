@@ -81,11 +81,11 @@ class InvariantSampler(L.LightningModule):
             raise ConfigError(f"mode must be 'optimize' or 'guidance', got {mode!r}")
         self.is_flow = getattr(backbone, "is_flow", False)
         if self.is_flow and mode == "guidance":
-            raise ConfigError("the guidance baseline (method.mode=guidance) guides DDIM through x0_hat and needs a DDPM "
-                              "backbone; a flow backbone (LightningDiT) runs Algorithm 1 only (mode=optimize)")
+            raise ConfigError("the guidance baseline (method.mode=guidance) guides DDIM through x0_hat and needs a "
+                              "DDPM backbone; a flow backbone (LightningDiT) runs Algorithm 1 only (mode=optimize)")
         if self.is_flow and eta != 0:
-            raise ConfigError(f"a flow backbone (LightningDiT) integrates a deterministic ODE: method.eta must be 0, got "
-                              f"{eta}")
+            raise ConfigError(f"a flow backbone (LightningDiT) integrates a deterministic ODE: method.eta must be 0, "
+                              f"got {eta}")
         self.chain = chain
         if budget < 1:
             raise ConfigError(f"the step budget B must be >= 1, got {budget}")

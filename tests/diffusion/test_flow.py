@@ -58,7 +58,8 @@ def test_euler_step_is_x_plus_dt_v():
 
 
 def test_euler_step_is_the_ddim_update_on_the_linear_path():
-    # x_t = t x + (1 - t) eps, v = x - eps: x_hat = x_t + (1 - t) v, eps_hat = x_t - t v, DDIM: s x_hat + (1 - s) eps_hat
+    # x_t = t x + (1 - t) eps, v = x - eps: x_hat = x_t + (1 - t) v, eps_hat = x_t - t v;
+    # DDIM: s x_hat + (1 - s) eps_hat
     g = torch.Generator().manual_seed(0)
     x_t, v = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
     t, s = torch.tensor(0.3), torch.tensor(0.55)

@@ -26,7 +26,6 @@ from equidiff.diffusion.vavae import build_vae, convert_vae_state_dict, load_lat
 from equidiff.errors import ConfigError
 from tests.diffusion.lightningdit_standins import (
     TINY,
-    VAE_MODULES,
     ldm_vae_state_dict,
     reference_layout_state_dict,
     tiny_vae_config,
@@ -168,7 +167,8 @@ def _written_out_forward(s: dict, x, t, y, heads: int):
         tok = tok + g2[:, None] * lin(F.silu(u) * w, p + "mlp.w3")
         i += 1
     shift, scale = lin(F.silu(cond), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
-    out = lin(rms(tok, s["final_layer.norm_final.weight"]) * (1 + scale[:, None]) + shift[:, None], "final_layer.linear")
+    out = rms(tok, s["final_layer.norm_final.weight"]) * (1 + scale[:, None]) + shift[:, None]
+    out = lin(out, "final_layer.linear")
     return out.transpose(1, 2).reshape(b, c, hgt, wid)
 
 
@@ -230,12 +230,14 @@ def test_vavae_converts_strictly_and_places_the_level_attentions():
     # LDM's lowest level (1) is diffusers' encoder down_blocks[1] and decoder up_blocks[0]; 1x1 convs -> linear
     torch.testing.assert_close(sd["encoder.down_blocks.1.attentions.0.to_q.weight"],
                                ldm["encoder.down.1.attn.0.q.weight"][:, :, 0, 0])
-    torch.testing.assert_close(sd["decoder.up_blocks.0.attentions.1.to_out.0.bias"], ldm["decoder.up.1.attn.1.proj_out.bias"])
+    torch.testing.assert_close(sd["decoder.up_blocks.0.attentions.1.to_out.0.bias"],
+                               ldm["decoder.up.1.attn.1.proj_out.bias"])
     torch.testing.assert_close(sd["decoder.up_blocks.0.attentions.0.group_norm.weight"],
                                ldm["decoder.up.1.attn.0.norm.weight"])
     torch.testing.assert_close(sd["decoder.up_blocks.1.resnets.0.conv_shortcut.weight"],
                                ldm["decoder.up.0.block.0.nin_shortcut.weight"])
-    torch.testing.assert_close(sd["decoder.up_blocks.0.upsamplers.0.conv.weight"], ldm["decoder.up.1.upsample.conv.weight"])
+    torch.testing.assert_close(sd["decoder.up_blocks.0.upsamplers.0.conv.weight"],
+                               ldm["decoder.up.1.upsample.conv.weight"])
     # every LDM tensor lands somewhere (a converted state dict as large as the source)
     assert len(convert_vae_state_dict({k: v for k, v in ldm.items() if k.startswith(("enc", "dec", "quant", "post"))},
                                       tiny_vae_config())) == len(sd) == sum(

@@ -145,7 +145,8 @@ def test_resume_after_interruption_gives_the_same_samples(reference_run, tiny_fo
     assert all((out / "samples" / k).stat().st_mtime_ns == v for k, v in before.items())
 
 
-@pytest.mark.slow  # about 40 s on 2 CPU cores; DDP sharding by seed is guarded by default in tests/methods/test_sampling_runs.py
+# about 40 s on 2 CPU cores; DDP sharding by seed is guarded by default in tests/methods/test_sampling_runs.py
+@pytest.mark.slow
 def test_one_process_and_two_ddp_processes_give_the_same_samples(reference_run, tiny_folder):
     tmp, _, ref = reference_run
     out = tmp / "ddp"
