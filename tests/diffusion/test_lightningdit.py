@@ -369,6 +369,15 @@ def test_backbone_settings_and_protocol_errors(folder):
                              latent_std=torch.ones(4))
 
 
+def test_classifier_guidance_is_refused_for_the_flow_backbone(folder):
+    from equidiff.methods import Sampling
+
+    bb = load_lightningdit(str(folder))
+    with pytest.raises(ConfigError, match="guidance=null"):
+        Sampling(bb, functools.partial(sample_flow, num_steps=3), guidance=lambda fn, batch, scheduler: fn)
+    assert Sampling(bb, functools.partial(sample_flow, num_steps=3)).guidance is None
+
+
 def test_unguided_sampling_through_the_backbone(folder):
     bb = load_lightningdit(str(folder), guidance_scale=2.0, timestep_shift=0.3)
     z = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
