@@ -54,7 +54,8 @@ class InvariantSampler(L.LightningModule):
         objective: L, ``objective(x) -> [B, m]`` (``equidiff.invariant.Logits``, ``Neuron``...).
         optimizer: ``optimizer(params)`` partial: SGD with momentum, ``pytorch_optimizer.Shampoo``, Adam.
         num_steps, eta: the deterministic DDIM chain (eta = 0; eta > 0 uses per-sample noise fixed across
-            iterations).
+            iterations); for a flow backbone the points of the ODE's time grid (num_steps - 1 steps, as the
+            reference's ``num_sampling_steps``), eta must be 0.
         budget, tau, lam: B, the loss threshold tau and the loss weight lambda of Algorithm 1.
         low_pass: F (``equidiff.invariant.LowPass``) or None.
         renormalize: rescale z_T to its initial norm after every step (DiG-IN).
