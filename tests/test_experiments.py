@@ -12,6 +12,7 @@ import pytest
 from equidiff.cli import experiments, run
 from tests.ace.test_experiments_ace import OVERRIDES as ACE_OVERRIDES
 from tests.helpers import compose_cfg
+from tests.invariant.test_lightningdit import OVERRIDES as LIGHTNINGDIT_OVERRIDES
 from tests.methods.test_counterfactual import OVERRIDES as CF_OVERRIDES
 from tests.pcfe.test_pcfe import OVERRIDES as PCFE_OVERRIDES
 
@@ -83,6 +84,8 @@ OVERRIDES = {
                                       "classifier.weights_path=null", "data.samples_per_query=2",
                                       "data.batch_size=3", "method.num_steps=2", "method.budget=2"]),
     "digits/invariant": ("predict", ["diffusion.path={pipeline}", *INVARIANT_FAST]),
+    # LightningDiT + VA-VAE (seed 000's backbone): entries and stand-ins in tests/invariant/test_lightningdit.py
+    **LIGHTNINGDIT_OVERRIDES,
     # counterfactual solvers (seed 001): entries in tests/methods/test_counterfactual.py
     **CF_OVERRIDES,
     # learning from p-CFEs (seed 001): entries in tests/pcfe/test_pcfe.py

@@ -29,6 +29,10 @@ def fresh_scheduler(scheduler, cls=None, overrides: dict | None = None):
     rebuild one per call so that optimisation iterations and concurrent samplers never share it.
     """
     cls = cls or type(scheduler)
+    if getattr(scheduler, "is_flow_matching", False) and not getattr(cls, "is_flow_matching", False):
+        # from_config would silently build a default DDPM/DDIM schedule for a flow model
+        raise ConfigError(f"a flow-matching backbone (LightningDiT) cannot run a {cls.__name__} sampler or chain; use "
+                          "sampler=flow (equidiff.diffusion.sample_flow) and the flow chain (flow_chain)")
     return cls.from_config(scheduler.config, **(overrides or {}))
 
 

@@ -12,6 +12,7 @@ from torch import nn
 from equidiff.diffusion.backbones import DiffusionBackbone
 from equidiff.diffusion.chain import ddim_chain, draw_chain_noise
 from equidiff.diffusion.ddim import sample_ddim
+from equidiff.diffusion.flow import flow_chain
 from equidiff.errors import ConfigError
 from equidiff.guidance.guided import ClassifierGuidance
 from equidiff.invariant.algorithm import evaluate, invariant_optimize
@@ -53,7 +54,8 @@ class InvariantSampler(L.LightningModule):
         objective: L, ``objective(x) -> [B, m]`` (``equidiff.invariant.Logits``, ``Neuron``...).
         optimizer: ``optimizer(params)`` partial: SGD with momentum, ``pytorch_optimizer.Shampoo``, Adam.
         num_steps, eta: the deterministic DDIM chain (eta = 0; eta > 0 uses per-sample noise fixed across
-            iterations).
+            iterations); for a flow backbone the points of the ODE's time grid (num_steps - 1 steps, as the
+            reference's ``num_sampling_steps``), eta must be 0.
         budget, tau, lam: B, the loss threshold tau and the loss weight lambda of Algorithm 1.
         low_pass: F (``equidiff.invariant.LowPass``) or None.
         renormalize: rescale z_T to its initial norm after every step (DiG-IN).
@@ -64,6 +66,9 @@ class InvariantSampler(L.LightningModule):
             same target through x0_hat with ``guidance_steps`` DDIM steps, by default B x num_steps capped at
             the training steps, about the same number of denoiser evaluations).
         checkpoint: per-step gradient checkpointing of the chain.
+        chain: the differentiable chain, ``chain(model_fn, z, scheduler, *, num_steps, eta, noises, checkpoint)``
+            (``ddim_chain``'s signature); None takes the backbone's own: the DDIM chain (deterministic with eta = 0,
+            no clipping) for DDPM backbones, the Euler flow ODE (``flow_chain``) for flow backbones (LightningDiT).
     """
 
     def __init__(self, backbone: DiffusionBackbone, objective: nn.Module, optimizer: Callable, *,
@@ -71,10 +76,18 @@ class InvariantSampler(L.LightningModule):
                  low_pass: nn.Module | None = None, renormalize: bool = False,
                  cutoffs: Sequence[float] = (0.125, 0.25, 0.5, 1.0), class_label: int | None = None,
                  mode: str = "optimize", guidance_scale: float = 1.0, guidance_steps: int | None = None,
-                 checkpoint: bool = True, quantize: bool = True):
+                 checkpoint: bool = True, quantize: bool = True, chain: Callable | None = None):
         super().__init__()
         if mode not in ("optimize", "guidance"):
             raise ConfigError(f"mode must be 'optimize' or 'guidance', got {mode!r}")
+        self.is_flow = getattr(backbone, "is_flow", False)
+        if self.is_flow and mode == "guidance":
+            raise ConfigError("the guidance baseline (method.mode=guidance) guides DDIM through x0_hat and needs a "
+                              "DDPM backbone; a flow backbone (LightningDiT) runs Algorithm 1 only (mode=optimize)")
+        if self.is_flow and eta != 0:
+            raise ConfigError(f"a flow backbone (LightningDiT) integrates a deterministic ODE: method.eta must be 0, "
+                              f"got {eta}")
+        self.chain = chain
         if budget < 1:
             raise ConfigError(f"the step budget B must be >= 1, got {budget}")
         self.backbone, self.objective, self.optimizer = backbone, objective, optimizer
@@ -82,8 +95,8 @@ class InvariantSampler(L.LightningModule):
         self.low_pass, self.renormalize, self.cutoffs = low_pass, renormalize, check_cutoffs(cutoffs)
         self.class_label, self.mode, self.checkpoint = class_label, mode, checkpoint
         self.guidance_scale = guidance_scale
-        T = backbone.scheduler.config.num_train_timesteps
-        self.guidance_steps = min(T, guidance_steps or budget * num_steps)
+        T = None if self.is_flow else backbone.scheduler.config.num_train_timesteps
+        self.guidance_steps = None if self.is_flow else min(T, guidance_steps or budget * num_steps)
         self.is_image = len(backbone.image_shape) == 3
         self.quantize = quantize and self.is_image
 
@@ -100,9 +113,10 @@ class InvariantSampler(L.LightningModule):
 
         def generate(z: torch.Tensor, active: list[int]) -> torch.Tensor:
             noises = [n[active] for n in noises_all] if noises_all is not None else None
-            z_0 = ddim_chain(self._model_fn(len(z)), z, self.backbone.scheduler, num_steps=self.num_steps,
-                             eta=self.eta, noises=noises, checkpoint=self.checkpoint,
-                             scheduler_overrides={"clip_sample": False})
+            chain = self.chain or (flow_chain if self.is_flow
+                                   else functools.partial(ddim_chain, scheduler_overrides={"clip_sample": False}))
+            z_0 = chain(self._model_fn(len(z)), z, self.backbone.scheduler, num_steps=self.num_steps, eta=self.eta,
+                        noises=noises, checkpoint=self.checkpoint)
             x = self.backbone.decode(z_0)
             return clamp_straight_through(x, self.quantize) if self.is_image else x
 

@@ -55,6 +55,10 @@ class Sampling(L.LightningModule):
                  classifier: torch.nn.Module | None = None):
         super().__init__()
         self.backbone, self.sampler, self.guidance, self.classifier = backbone, sampler, guidance, classifier
+        if guidance is not None and getattr(backbone, "is_flow", False):
+            raise ConfigError("the guidance wrappers are written for DDPM backbones (eps, alpha_bar); a flow "
+                              "backbone (LightningDiT) samples with its own classifier-free guidance "
+                              "(diffusion.guidance_scale): set guidance=null")
         if classifier is not None and hasattr(classifier, "check_compatible"):
             classifier.check_compatible(backbone.image_shape)
 
