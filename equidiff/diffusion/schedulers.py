@@ -127,9 +127,15 @@ def check_num_steps(scheduler, num_steps, *, eta=None, tau=None, name: str = "nu
     """
     from equidiff.errors import ConfigError
 
-    total = int(scheduler.config.num_train_timesteps)
     prefix = name.rpartition(".")[0]
     prefix = f"{prefix}." if prefix else ""
+    if "num_train_timesteps" not in scheduler.config:  # a continuous-time (flow) model: num_steps counts grid points
+        if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 2):
+            raise ConfigError(f"{name}={num_steps!r}: a flow ODE grid needs at least 2 points (num_steps - 1 steps)")
+        if tau is not None and num_steps is not None and not 1 <= tau <= num_steps:
+            raise ConfigError(f"{prefix}tau={tau!r}: tau counts steps of the chain, so 1 <= tau <= {num_steps}")
+        return
+    total = int(scheduler.config.num_train_timesteps)
     if num_steps is not None and (isinstance(num_steps, bool) or not isinstance(num_steps, int)
                                   or not 1 <= num_steps <= total):
         raise ConfigError(f"{name}={num_steps!r}: the diffusion model was trained with {total} steps, so its "

@@ -187,3 +187,20 @@ def test_scheduler_overrides_apply_to_a_fresh_copy():
     sample_flow(lambda x, t: seen.append(float(t)) or x, torch.zeros(1), UNIFORM, num_steps=3,
                 scheduler_overrides={"timestep_shift": 0.3})
     assert seen == pytest.approx([0.0, 0.3 * 0.5 / (1 - 0.7 * 0.5)]) and UNIFORM.config.timestep_shift == 0.0
+
+
+def test_build_time_step_check_takes_a_flow_scheduler(ddpm_scheduler):
+    """``check_num_steps`` (run on every config before building) counts grid points for a flow scheduler, which
+    has no training timesteps, and still checks the DDPM range for a DDPM scheduler."""
+    from equidiff.diffusion.schedulers import check_num_steps
+
+    flow = FlowMatchScheduler(timestep_shift=0.3)
+    check_num_steps(flow, 2)
+    check_num_steps(flow, 5000)  # a continuous-time model has no upper limit
+    for bad in (1, 0, 2.5, True):
+        with pytest.raises(ConfigError, match="at least 2 points"):
+            check_num_steps(flow, bad, name="method.num_steps")
+    with pytest.raises(ConfigError, match="tau=6"):
+        check_num_steps(flow, 5, tau=6, name="method.num_steps")
+    with pytest.raises(ConfigError, match="trained with 1000 steps"):
+        check_num_steps(ddpm_scheduler, 5000)
