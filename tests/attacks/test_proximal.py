@@ -106,3 +106,20 @@ def test_l0_projection_per_sample_budget_and_zero_gain():
 def test_l0_budget_below_one_is_a_config_error(m):
     with pytest.raises(ConfigError, match="l0 budget"):
         project_l0_box(torch.ones(2, 3), m, -1.0, 1.0)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 2 / 3])
+def test_prox_jumps_where_the_brute_force_minimiser_does(p):
+    """A dense sweep of v across the jump from 0 to a nonzero minimiser (between 0.6 and 1.0 for lam = 0.4 and
+    every non-convex exponent): a threshold off by a fraction of a percent (e.g. 55^(1/3) for 54^(1/3) in the
+    half-thresholding rule) leaves some v at 0 where the nonzero minimiser is clearly better."""
+    lam = 0.4
+    v = torch.arange(6000, 10001, dtype=torch.float64) * STEP  # [0.6, 1.0]
+    grid = torch.arange(0, 12001, dtype=torch.float64) * STEP  # z in [0, 1.2] covers every minimiser for v > 0
+    z = prox(v, lam, p)
+    for chunk in range(0, len(v), 500):
+        vc = v[chunk:chunk + 500]
+        h_bf = objective(grid[None, :], vc[:, None], lam, p).min(dim=1).values
+        h = objective(z[chunk:chunk + 500], vc, lam, p)
+        assert (h <= h_bf + 1e-9).all(), (p, vc[h > h_bf + 1e-9][:3])
+    assert (z == 0).any() and (z > 0).any()  # the sweep does cross the jump
