@@ -1,5 +1,7 @@
 """The low-pass filter F of seed 000 (section 3.3.1): FFT radial cutoff, linear and differentiable."""
 
+import math
+
 import pytest
 import torch
 
@@ -63,3 +65,13 @@ def test_non_positive_cutoffs_are_errors(bad):
         check_cutoffs([0.5, bad])
     with pytest.raises(ConfigError, match="cutoffs"):
         check_cutoffs([])
+
+
+def test_non_square_images_measure_each_axis_in_its_own_frequencies():
+    """An 8 x 16 image: a vertical cosine of 1/4 cycle per pixel (radius 0.5 in axis-Nyquist units) is kept by
+    f_c = 0.6, a horizontal one of 7/16 cycle per pixel (radius 0.875) is removed, whatever the aspect ratio."""
+    y = torch.arange(8, dtype=torch.float64)[:, None].expand(8, 16)
+    x = torch.arange(16, dtype=torch.float64)[None, :].expand(8, 16)
+    low, high = torch.cos(2 * math.pi * 0.25 * y), torch.cos(2 * math.pi * 7 / 16 * x)
+    out = low_pass((low + high)[None, None], 0.6)
+    torch.testing.assert_close(out[0, 0], low, rtol=0, atol=1e-12)
