@@ -121,6 +121,10 @@ def test_guided_eps_is_algorithm_6(ddpm_scheduler):
     guided = ClassifierGuidance(NegLogLikelihood(clf), scale=3.0)(model_fn, {"label": y}, ddpm_scheduler)
     g = _direction(NegLogLikelihood(clf), x, y).reshape(x.shape)
     torch.testing.assert_close(guided(x, t), eps_theta - (1 - ab).sqrt() * 3.0 * g)
+    # a schedule of the timestep (not of alpha_bar): w = 2 + (0.5 - 2) (1 - 700 / 1000) = 1.55 at t = 700
+    timed = ClassifierGuidance(NegLogLikelihood(clf), scale=3.0, schedule=Linear(2.0, 0.5))(model_fn, {"label": y},
+                                                                                            ddpm_scheduler)
+    torch.testing.assert_close(timed(x, t), eps_theta - 1.55 * 3.0 * g)
     # guidance starts after a fraction of the reverse process: off at t=700 (progress 0.3) for 0.5
     late = ClassifierGuidance(NegLogLikelihood(clf), scale=3.0, start_fraction=0.5)(model_fn, {"label": y},
                                                                                    ddpm_scheduler)
