@@ -67,10 +67,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from equidiff.diffusion.chain import ddpm_chain
-from equidiff.diffusion.ddpm import ddpm_scheduler, ddpm_step, draw_ddpm_noise
+from equidiff.diffusion.ddpm import DDPMSteps, ddpm_scheduler
 from equidiff.diffusion.schedulers import SPACINGS, alpha_bar, respaced_timesteps
 from equidiff.errors import ConfigError
-from equidiff.utils.rng import randn_per_sample
+from equidiff.utils.rng import PerSampleNoise
 
 DISTANCES = ("l1", "l2")
 DISTANCE_ON = ("input", "filtered")
@@ -189,9 +189,11 @@ def _check_spacing(spacing: str) -> None:
 def draw_filter_noise(shape: Sequence[int], generators: Sequence[torch.Generator], timesteps: torch.Tensor, *,
                       device=None, dtype=torch.float32) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """The noises of one filter pass over ``timesteps`` (``filter_timesteps``), per sample: eps of line 5, then
-    one z per DDPM step with t > 0 (line 10; None at t = 0, which adds no noise)."""
-    eps = randn_per_sample(shape, generators, device=device, dtype=dtype)
-    return eps, draw_ddpm_noise(shape, generators, timesteps, device=device, dtype=dtype)
+    one z per DDPM step with t > 0 (line 10; None at t = 0, which adds no noise). One stream per sample
+    (``equidiff.utils.rng.PerSampleNoise``), in this order."""
+    ts = [int(t) for t in timesteps]
+    noise = PerSampleNoise(shape, generators, 1 + sum(t > 0 for t in ts), device=device, dtype=dtype)
+    return noise.next(), [noise.next() if t > 0 else None for t in ts]
 
 
 def diffusion_filter(backbone: nn.Module, x: torch.Tensor, *, num_steps: int, tau: int, eps: torch.Tensor,
@@ -205,8 +207,8 @@ def diffusion_filter(backbone: nn.Module, x: torch.Tensor, *, num_steps: int, ta
     """
     timesteps = filter_timesteps(backbone.scheduler, num_steps=num_steps, tau=tau, spacing=spacing)
     model_fn, overrides = _ddpm_setup(backbone, learned_variance, clip_denoised)
-    # 6. x' = sqrt(alpha_bar_tau) x + sqrt(1 - alpha_bar_tau) eps
-    ab = alpha_bar(backbone.scheduler, timesteps[0]).to(device=x.device, dtype=x.dtype)
+    # 6. x' = sqrt(alpha_bar_tau) x + sqrt(1 - alpha_bar_tau) eps (alpha_bar a host scalar: no copy to the device)
+    ab = alpha_bar(backbone.scheduler, int(timesteps[0]))
     x_tau = ab.sqrt() * x + (1 - ab).sqrt() * eps
     # 8-13. ts = tau - 1 ... 0: x' = mu(x', ts) + Sigma(x', ts) z
     return ddpm_chain(model_fn, x_tau, backbone.scheduler, timesteps=timesteps, noises=noises, checkpoint=checkpoint,
@@ -298,27 +300,32 @@ def repaint(backbone: nn.Module, x: torch.Tensor, x_pe: torch.Tensor, mask: torc
     _check_spacing(spacing)
     timesteps = filter_timesteps(backbone.scheduler, num_steps=num_steps, tau=tau, spacing=spacing)
     model_fn, overrides = _ddpm_setup(backbone, learned_variance, clip_denoised)
-    sched = ddpm_scheduler(backbone.scheduler, timesteps, overrides=overrides, device=x.device)
+    steps = DDPMSteps.build(ddpm_scheduler(backbone.scheduler, timesteps, overrides=overrides), device=x.device)
+    ts = [int(t) for t in timesteps]
     m = mask.to(x.dtype)
-    shape = x.shape[1:]
+    # each sample's noises, one stream in the reference's order: eps of line 4, then per step the original's eps
+    # (line 12) and z (line 16, none at t = 0)
+    noise = PerSampleNoise(x.shape[1:], generators, 1 + len(ts) + sum(t > 0 for t in ts), device=x.device,
+                           dtype=x.dtype)
+    # sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) of q(x_t | x_0) on the host, once
+    sq = [(alpha_bar(backbone.scheduler, t).sqrt(), (1 - alpha_bar(backbone.scheduler, t)).sqrt()) for t in ts]
 
-    def noised(image, t):  # q(x_t | x_0) = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
-        ab = alpha_bar(backbone.scheduler, t).to(device=x.device, dtype=x.dtype)
-        return ab.sqrt() * image + (1 - ab).sqrt() * randn_per_sample(shape, generators, device=x.device,
-                                                                       dtype=x.dtype)
+    def noised(image, i):  # q(x_t | x_0) = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+        return sq[i][0] * image + sq[i][1] * noise.next()
 
     # 3-4. x' = sqrt(alpha_bar_tau) x' + sqrt(1 - alpha_bar_tau) eps
-    x_t = noised(x_pe, timesteps[0])
-    for i, t in enumerate(sched.timesteps):  # 10. ts = tau - 1 ... 0
+    x_t = noised(x_pe, 0)
+    for i in range(len(steps)):  # 10. ts = tau - 1 ... 0
+        t = steps.timesteps[i]
         # 11-12. x_ts = sqrt(alpha_bar_ts) x + sqrt(1 - alpha_bar_ts) eps
-        x_ts = noised(x, t)
+        x_ts = noised(x, i)
         # 13. x' = m x' + (1 - m) x_ts
         x_t = m * x_t + (1 - m) * x_ts
         if callback is not None:
             callback(i, t, x_t, x_ts)
         # 14-16. x' = mu(x', ts) + Sigma(x', ts) z (no noise at t = 0)
-        z = randn_per_sample(shape, generators, device=x.device, dtype=x.dtype) if t > 0 else None
-        x_t, _ = ddpm_step(sched, model_fn(x_t, t), t, x_t, z)
+        z = noise.next() if ts[i] > 0 else None
+        x_t, _ = steps.step(i, model_fn(x_t, t), x_t, z)
     if paste_original:
         x_t = m * x_t + (1 - m) * x
     return x_t.clamp(-1, 1)
