@@ -44,7 +44,7 @@ class DDIMSteps:
     @classmethod
     def build(cls, scheduler, num_steps: int, *, eta: float = 0.0, device=None, overrides: dict | None = None,
               use_clipped_model_output: bool | None = None) -> DDIMSteps:
-        """The steps of a fresh ``DDIMScheduler`` from ``scheduler``'s config (+ ``overrides``), set to ``num_steps``."""
+        """The steps of a fresh ``DDIMScheduler`` from ``scheduler``'s config (+ ``overrides``) for ``num_steps``."""
         sched = fresh_scheduler(scheduler, DDIMScheduler, overrides)
         sched.set_timesteps(num_steps)  # on the host: the numbers below are read here, once
         stride = sched.config.num_train_timesteps // sched.num_inference_steps
@@ -110,7 +110,8 @@ def sample_ddim(
                          f"{None if generators is None else len(generators)}")
     steps = DDIMSteps.build(scheduler, num_steps, eta=eta, device=x_T.device, overrides=scheduler_overrides,
                             use_clipped_model_output=use_clipped_model_output)
-    noise = PerSampleNoise(x_T.shape[1:], generators, len(steps), device=x_T.device, dtype=x_T.dtype) if eta > 0 else None
+    noise = (PerSampleNoise(x_T.shape[1:], generators, len(steps), device=x_T.device, dtype=x_T.dtype)
+             if eta > 0 else None)
     x_t = x_T
     for i in range(len(steps)):
         t = steps.timesteps[i]

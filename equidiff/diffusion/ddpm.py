@@ -37,13 +37,13 @@ def ddpm_scheduler(scheduler, timesteps: Sequence[int] | torch.Tensor, *, overri
 
 @dataclass(frozen=True)
 class DDPMSteps:
-    """The per-step numbers of a DDPM chain over a scheduler's timesteps, fp32 tensors ``[n]`` on the sampling device.
+    """The per-step numbers of a DDPM chain over a scheduler's timesteps: fp32 tensors ``[n]`` on the device.
 
     Computed once on the host, with the expressions of ``DDPMScheduler.step`` / ``_get_variance`` on 0-d fp32
     tensors as there, and moved to the device in one copy: the loop (``step``) reads no tensor on the host.
-    ``host_timesteps`` are the same timesteps on the host (step i adds noise when t > 0). For a fixed variance type ``std[i]`` is the
-    step's standard deviation; for ``learned_range`` the model's v interpolates ``min_log[i]`` (log beta~_t)
-    and ``max_log[i]`` (log beta_t).
+    ``host_timesteps`` are the same timesteps on the host (step i adds noise when t > 0). For a fixed variance
+    type ``std[i]`` is the step's standard deviation; for ``learned_range`` the model's v interpolates
+    ``min_log[i]`` (log beta~_t) and ``max_log[i]`` (log beta_t).
     """
 
     scheduler: DDPMScheduler
@@ -87,7 +87,7 @@ class DDPMSteps:
 
     @property
     def has_noise(self) -> tuple[bool, ...]:
-        """Whether each step adds noise (t > 0; the last step to x_0 adds none, as in diffusers and guided-diffusion)."""
+        """Whether each step adds noise (t > 0; the step to x_0 adds none, as in diffusers and guided-diffusion)."""
         return tuple(t > 0 for t in self.host_timesteps)
 
     def step(self, i: int, model_output: torch.Tensor, x_t: torch.Tensor,

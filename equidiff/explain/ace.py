@@ -70,6 +70,7 @@ from equidiff.diffusion.chain import ddpm_chain
 from equidiff.diffusion.ddpm import DDPMSteps, ddpm_scheduler
 from equidiff.diffusion.schedulers import SPACINGS, alpha_bar, respaced_timesteps
 from equidiff.errors import ConfigError
+from equidiff.utils.precision import upcast
 from equidiff.utils.rng import PerSampleNoise
 
 DISTANCES = ("l1", "l2")
@@ -111,7 +112,8 @@ def predicted_class(logits: torch.Tensor) -> torch.Tensor:
 
 
 def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L_class per sample: cross-entropy toward ``target`` (binary cross-entropy for a single logit)."""
+    """L_class per sample: cross-entropy toward ``target`` (binary cross-entropy for a single logit), in fp32."""
+    logits = upcast(logits)
     if logits.shape[-1] == 1:
         return F.binary_cross_entropy_with_logits(logits[:, 0], target.to(logits.dtype), reduction="none")
     return F.cross_entropy(logits, target.long(), reduction="none")

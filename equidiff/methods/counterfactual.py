@@ -30,6 +30,7 @@ from equidiff.attacks.targets import TargetRule
 from equidiff.errors import ConfigError
 from equidiff.methods.common import require_grad_mode
 from equidiff.metrics.counterfactual import ATOL, perturbation_stats
+from equidiff.utils.precision import full_precision
 from equidiff.utils.rng import generators_for
 
 
@@ -86,10 +87,12 @@ class Counterfactual(L.LightningModule):
         box = self.box if self.box is not None else (-1.0, 1.0)
         box = tuple(torch.as_tensor(b, dtype=x.dtype, device=x.device) for b in box)
         start = time.perf_counter()
-        with torch.enable_grad():  # 2. the inverse-classification problem (S-CFE, GSE, PGD, ...)
+        # 2. the inverse-classification problem (S-CFE, GSE, PGD, ...); the solvers run in fp32 with autocast off
+        # whatever trainer.precision (their losses, step sizes and stopping tests are tuned in fp32)
+        with torch.enable_grad(), full_precision():
             x_cf = self.solver(self.classifier, x, target, source=y, box=box, generators=gens).detach()
         elapsed = time.perf_counter() - start
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():
             pred, source_pred = self.classifier(x_cf).argmax(-1), self.classifier(x).argmax(-1)
         valid = pred == target if self.targets.targeted else pred != y
         stats = perturbation_stats(x, x_cf, patch_size=self.patch_size, atol=self.atol)  # 3. per-sample metrics

@@ -73,8 +73,9 @@ def _draw(shape: Sequence[int], generators: Sequence[torch.Generator], count: in
         raise ValueError("per-sample noise needs at least one generator")
     gen_device = generators[0].device
     if any(g.device != gen_device for g in generators):
-        raise ValueError(f"the per-sample generators live on several devices ({sorted({str(g.device) for g in generators})});"
-                         " make them all on one (generators_for(seeds, device=...))")
+        devices = sorted({str(g.device) for g in generators})
+        raise ValueError(f"the per-sample generators live on several devices ({devices}); make them all on one "
+                         "(generators_for(seeds, device=...))")
     target = torch.device(device) if device is not None else gen_device
     draw_dtype = _draw_dtype(dtype)
     # pinned host memory for an asynchronous copy to a CUDA device (no host sync; the caching host allocator keeps the
