@@ -120,6 +120,12 @@ def ddpm_chain(
         raise ValueError(f"the DDPM chain needs one noise per step with t > 0 ({len(timesteps)} steps over "
                          f"{timesteps.tolist()}); use draw_ddpm_noise")
     steps = DDPMSteps.build(ddpm_scheduler(scheduler, timesteps, overrides=scheduler_overrides), device=x_start.device)
+    return run_ddpm_steps(model_fn, x_start, steps, noises, checkpoint=checkpoint)
+
+
+def run_ddpm_steps(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_start: torch.Tensor,
+                   steps: DDPMSteps, noises: Sequence[torch.Tensor | None], *, checkpoint: bool = True) -> torch.Tensor:
+    """``ddpm_chain`` over prebuilt ``steps`` (for a caller running the same chain many times, e.g. ACE's PGD)."""
 
     def step(x_t, i, z):
         # one ancestral step x_t -> x_{t'}; a pure function of its inputs (safe to recompute)

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from equidiff.diffusion.chain import ddpm_chain
+from equidiff.diffusion.chain import run_ddpm_steps
 from equidiff.diffusion.ddpm import DDPMSteps, ddpm_scheduler
 from equidiff.diffusion.schedulers import SPACINGS, alpha_bar, respaced_timesteps
 from equidiff.errors import ConfigError
@@ -200,21 +200,24 @@ def draw_filter_noise(shape: Sequence[int], generators: Sequence[torch.Generator
 
 def diffusion_filter(backbone: nn.Module, x: torch.Tensor, *, num_steps: int, tau: int, eps: torch.Tensor,
                      noises: Sequence[torch.Tensor | None], checkpoint: bool = True, spacing: str = "guided_diffusion",
-                     clip_denoised: bool = True, learned_variance: bool = True) -> torch.Tensor:
+                     clip_denoised: bool = True, learned_variance: bool = True,
+                     steps: DDPMSteps | None = None) -> torch.Tensor:
     """F_tau(x): noise x to step tau (Algorithm 1, line 6) and denoise it with DDPM (lines 7-13), differentiably.
 
     The reference's ``JointClassifierDDPM``: q_sample to the respaced step tau, then guided-diffusion's
     ``p_mean_variance`` steps (module docstring) with the pre-drawn ``noises``; with ``checkpoint=True``
-    each step is recomputed on backward (memory flat in tau).
+    each step is recomputed on backward (memory flat in tau). ``steps``: the chain's ``DDPMSteps`` when the caller
+    built them once (``pre_explanation`` does; else they are built here).
     """
     timesteps = filter_timesteps(backbone.scheduler, num_steps=num_steps, tau=tau, spacing=spacing)
     model_fn, overrides = _ddpm_setup(backbone, learned_variance, clip_denoised)
+    if steps is None:
+        steps = DDPMSteps.build(ddpm_scheduler(backbone.scheduler, timesteps, overrides=overrides), device=x.device)
     # 6. x' = sqrt(alpha_bar_tau) x + sqrt(1 - alpha_bar_tau) eps (alpha_bar a host scalar: no copy to the device)
     ab = alpha_bar(backbone.scheduler, int(timesteps[0]))
     x_tau = ab.sqrt() * x + (1 - ab).sqrt() * eps
     # 8-13. ts = tau - 1 ... 0: x' = mu(x', ts) + Sigma(x', ts) z
-    return ddpm_chain(model_fn, x_tau, backbone.scheduler, timesteps=timesteps, noises=noises, checkpoint=checkpoint,
-                      scheduler_overrides=overrides)
+    return run_ddpm_steps(model_fn, x_tau, steps, noises, checkpoint=checkpoint)
 
 
 def pgd_update(x: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, *, step_size: float,
@@ -242,7 +245,10 @@ def pre_explanation(backbone: nn.Module, classifier: nn.Module, x: torch.Tensor,
     _check_spacing(spacing)
     if distance_on not in DISTANCE_ON:
         raise ConfigError(f"ACE: distance_on must be one of {DISTANCE_ON}, got {distance_on!r}")
-    timesteps = filter_timesteps(backbone.scheduler, num_steps=num_steps, tau=tau, spacing=spacing)
+    timesteps = filter_timesteps(backbone.scheduler, num_steps=num_steps, tau=tau, spacing=spacing).tolist()
+    _, overrides = _ddpm_setup(backbone, learned_variance, clip_denoised)
+    # the filter's steps, built once for all iterations (no host work or copy per iteration)
+    steps = DDPMSteps.build(ddpm_scheduler(backbone.scheduler, timesteps, overrides=overrides), device=x.device)
     x_orig = x.detach()  # 3.
     x_adv = x_orig.clone()
     for n in range(int(iterations)):  # 4.
@@ -253,7 +259,7 @@ def pre_explanation(backbone: nn.Module, classifier: nn.Module, x: torch.Tensor,
             # 6-13. the filtered image x' = F_tau(x), with the graph through all tau steps
             x_filtered = diffusion_filter(backbone, x_var, num_steps=num_steps, tau=tau, eps=eps, noises=noises,
                                           checkpoint=checkpoint, spacing=spacing, clip_denoised=clip_denoised,
-                                          learned_variance=learned_variance)
+                                          learned_variance=learned_variance, steps=steps)
             # 14. L_class(x'; y) + lambda_d d(., x_orig), one value per sample, summed just before grad
             loss = classification_loss(classifier(x_filtered), target)
             if lambda_d:
