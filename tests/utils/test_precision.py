@@ -28,7 +28,6 @@ from equidiff.errors import ConfigError
 from equidiff.guidance import ClassifierGuidance, NegLogLikelihood
 from equidiff.invariant import Logits, LowPass
 from equidiff.invariant.algorithm import evaluate
-from equidiff.methods import draw_samples
 from equidiff.methods.invariant import InvariantSampler
 from equidiff.utils import generators_for, randn_per_sample
 from equidiff.utils.precision import check_predict_precision, full_precision, set_tf32
