@@ -10,12 +10,13 @@ from pathlib import Path
 
 import torch
 
-from bench import ace, chain_memory, counterfactual, ddim_throughput, guided_step, invariant, pcfe
+from bench import ace, chain_memory, counterfactual, ddim_throughput, guided_step, invariant, noise, pcfe
 from bench.common import machine
 
 HERE = Path(__file__).resolve().parent
 # the methods' benchmarks: each module has run(device) -> dict, rows(result) -> markdown rows, passed(result)
-METHOD_BENCHMARKS = {"invariant": invariant, "ace": ace, "counterfactual": counterfactual, "pcfe": pcfe}
+METHOD_BENCHMARKS = {"invariant": invariant, "ace": ace, "counterfactual": counterfactual, "pcfe": pcfe,
+                     "noise": noise}
 
 
 def _table(results: dict) -> str:

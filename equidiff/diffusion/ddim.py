@@ -110,8 +110,8 @@ def sample_ddim(
                          f"{None if generators is None else len(generators)}")
     steps = DDIMSteps.build(scheduler, num_steps, eta=eta, device=x_T.device, overrides=scheduler_overrides,
                             use_clipped_model_output=use_clipped_model_output)
-    noise = (PerSampleNoise(x_T.shape[1:], generators, len(steps), device=x_T.device, dtype=x_T.dtype)
-             if eta > 0 else None)
+    noise = (PerSampleNoise(x_T.shape[1:], generators, len(steps), device=x_T.device, dtype=x_T.dtype,
+                            transient=True) if eta > 0 else None)
     x_t = x_T
     for i in range(len(steps)):
         t = steps.timesteps[i]

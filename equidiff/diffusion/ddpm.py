@@ -179,7 +179,8 @@ def sample_ddpm(
     sched = ddpm_scheduler(scheduler, respaced_timesteps(scheduler, n, spacing), overrides=scheduler_overrides)
     steps = DDPMSteps.build(sched, device=x_T.device)
     has_noise = steps.has_noise
-    noise = PerSampleNoise(x_T.shape[1:], generators, sum(has_noise), device=x_T.device, dtype=x_T.dtype)
+    noise = PerSampleNoise(x_T.shape[1:], generators, sum(has_noise), device=x_T.device, dtype=x_T.dtype,
+                           transient=True)
     x_t = x_T
     for i in range(len(steps)):
         t = steps.timesteps[i]

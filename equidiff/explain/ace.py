@@ -314,7 +314,7 @@ def repaint(backbone: nn.Module, x: torch.Tensor, x_pe: torch.Tensor, mask: torc
     # each sample's noises, one stream in the reference's order: eps of line 4, then per step the original's eps
     # (line 12) and z (line 16, none at t = 0)
     noise = PerSampleNoise(x.shape[1:], generators, 1 + len(ts) + sum(t > 0 for t in ts), device=x.device,
-                           dtype=x.dtype)
+                           dtype=x.dtype, transient=True)
     # sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) of q(x_t | x_0) on the host, once
     sq = [(alpha_bar(backbone.scheduler, t).sqrt(), (1 - alpha_bar(backbone.scheduler, t)).sqrt()) for t in ts]
 

@@ -81,3 +81,14 @@ def test_generators_on_several_devices_are_refused():
     gens = [torch.Generator(), SimpleNamespace(device=torch.device("cuda", 0))]  # (no CUDA generator here)
     with pytest.raises(ValueError, match="several devices"):
         randn_per_sample((2,), gens)
+
+
+def test_a_transient_stream_draws_the_same_numbers_into_one_buffer():
+    shape, n = (3, 32, 32), 50  # blocks of 21, 21, 8
+    kept = _stream([3, 11], shape, n)
+    noise = PerSampleNoise(shape, generators_for([3, 11]), n, transient=True)
+    draws = [noise.next() for _ in range(n)]
+    assert draws[0].data_ptr() == draws[21].data_ptr() == draws[42].data_ptr()  # one buffer, reused
+    noise = PerSampleNoise(shape, generators_for([3, 11]), n, transient=True)
+    for i in range(n):
+        assert torch.equal(noise.next(), kept[i])  # each draw, read before the next block
