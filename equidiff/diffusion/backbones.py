@@ -67,15 +67,18 @@ class DiffusionBackbone(nn.Module):
         if pt not in _PRED_TYPES:
             raise ConfigError(f"scheduler prediction_type {pt!r} is not supported; expected one of {_PRED_TYPES}")
         self.prediction_type = pt
-        # alpha_bar on the model's device (moves with .to(device)), for _to_eps; not part of the state dict
-        self.register_buffer("_alphas_cumprod", scheduler.alphas_cumprod.detach().clone().float(), persistent=False)
+        # alpha_bar on the model's device (moves with .to(device)), for _to_eps; not part of the state dict (None for
+        # a scheduler without one, e.g. flow matching)
+        ac = getattr(scheduler, "alphas_cumprod", None)
+        self.register_buffer("_alphas_cumprod", ac.detach().clone().float() if ac is not None else None,
+                             persistent=False)
         self.channels_last = bool(channels_last)
         self._nhwc_done = False
 
     def _apply(self, fn, recurse=True):
         # the alpha_bar table stays fp32 whatever dtype the network is cast to
         out = super()._apply(fn, recurse)
-        if self._alphas_cumprod.dtype != torch.float32:
+        if self._alphas_cumprod is not None and self._alphas_cumprod.dtype != torch.float32:
             self._alphas_cumprod = self._alphas_cumprod.float()
         return out
 
