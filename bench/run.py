@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from bench import ace, chain_memory, counterfactual, ddim_throughput, guided_step, invariant, lightningdit, pcfe
+from bench import ace, chain_memory, counterfactual, ddim_throughput, guided_step, invariant, lightningdit, noise, pcfe
 from bench.common import machine
 
 HERE = Path(__file__).resolve().parent
 # the methods' benchmarks: each module has run(device) -> dict, rows(result) -> markdown rows, passed(result)
 METHOD_BENCHMARKS = {"invariant": invariant, "lightningdit": lightningdit, "ace": ace, "counterfactual": counterfactual,
-                     "pcfe": pcfe}
+                     "pcfe": pcfe, "noise": noise}
 
 
 def _table(results: dict) -> str:

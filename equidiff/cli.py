@@ -194,6 +194,7 @@ def run(cfg, verb: str):
     from equidiff.callbacks.resume import fit_ckpt_path
     from equidiff.errors import ConfigError
     from equidiff.utils.lock import launching_process
+    from equidiff.utils.precision import check_predict_precision, set_tf32
     from equidiff.utils.runs import FingerprintCommit, RunFolder, check_resume_compatible, save_run_config
     from equidiff.utils.signals import stop_on_signals
 
@@ -207,7 +208,9 @@ def run(cfg, verb: str):
         if cfg.get("seed") is not None:
             L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         if verb == "predict":
+            check_predict_precision(cfg.trainer.get("precision", "32-true"))
             check_resume_compatible(cfg, output_dir)  # early, to fail before the (long) build
+        set_tf32(cfg.get("tf32"))
         datamodule, model, trainer = build(cfg)
         # fit resumes from <output_dir>/checkpoints/last.ckpt by itself (equidiff/callbacks/resume.py)
         ckpt_path = fit_ckpt_path(cfg, trainer) if verb == "fit" else cfg.get("ckpt_path")

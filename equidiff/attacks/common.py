@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from equidiff.errors import ConfigError
+from equidiff.utils.precision import upcast
 
 LOSSES = ("margin", "ce")
 
@@ -38,7 +39,8 @@ def resolve_box(x: torch.Tensor, box) -> tuple[torch.Tensor, torch.Tensor]:
 def margin_loss(logits: torch.Tensor, labels: torch.Tensor, *, targeted: bool = True, kappa: float = 0.0
                 ) -> torch.Tensor:
     """Carlini-Wagner margin per sample: relu(max_{j != y} Z_j - Z_y + kappa) (targeted: reach y),
-    relu(Z_y - max_{j != y} Z_j + kappa) (untargeted: leave y)."""
+    relu(Z_y - max_{j != y} Z_j + kappa) (untargeted: leave y). In fp32 whatever the logits' dtype."""
+    logits = upcast(logits)
     z_y = logits.gather(1, labels[:, None])[:, 0]
     others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf")).amax(1)
     return F.relu(others - z_y + kappa) if targeted else F.relu(z_y - others + kappa)
@@ -46,7 +48,8 @@ def margin_loss(logits: torch.Tensor, labels: torch.Tensor, *, targeted: bool = 
 
 def classification_loss(kind: str, logits: torch.Tensor, labels: torch.Tensor, *, targeted: bool = True,
                         kappa: float = 0.0) -> torch.Tensor:
-    """L(f(x'), y~) per sample: ``margin`` (CW) or ``ce`` (cross-entropy; negated when untargeted)."""
+    """L(f(x'), y~) per sample: ``margin`` (CW) or ``ce`` (cross-entropy; negated when untargeted), in fp32."""
+    logits = upcast(logits)
     if kind == "margin":
         return margin_loss(logits, labels, targeted=targeted, kappa=kappa)
     if kind == "ce":

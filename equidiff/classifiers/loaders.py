@@ -236,12 +236,13 @@ def load_torchvision(name: str, *, weights_path: str | os.PathLike | None = None
 
 # ---------------------------------------------------------------- small nets
 def load_small_net(kind: str = "cnn", weights_path: str | os.PathLike | None = None, *, image_size=None,
-                   strip_prefix: str | None = None, class_names=None, **net_kwargs) -> Classifier:
+                   strip_prefix: str | None = None, class_names=None, dtype: str | None = None,
+                   channels_last: bool = False, compile=False, **net_kwargs) -> Classifier:
     """The in-package ``SmallCNN`` ("cnn") or ``MLP`` ("mlp"), on [-1, 1] inputs without normalisation.
 
     ``net_kwargs`` go to the network (``in_channels``, ``num_classes``, ``width`` / ``in_features``,
     ``hidden``, ``depth``). ``weights_path``: a state dict or Lightning checkpoint written by training
-    it (None: random initialisation).
+    it (None: random initialisation). ``dtype``, ``channels_last``, ``compile``: see ``Classifier``.
     """
     nets = {"cnn": SmallCNN, "mlp": MLP}
     if kind not in nets:
@@ -254,4 +255,5 @@ def load_small_net(kind: str = "cnn", weights_path: str | os.PathLike | None = N
     channels = net.features[0].in_channels if kind == "cnn" else None
     num_classes = (net.head if kind == "cnn" else net.layers[-1]).out_features
     return Classifier(net, input_range=(-1.0, 1.0), channels=channels, image_size=image_size,
-                      num_classes=num_classes, class_names=class_names)
+                      num_classes=num_classes, class_names=class_names, dtype=dtype, channels_last=channels_last,
+                      compile=compile)

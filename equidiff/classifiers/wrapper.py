@@ -5,6 +5,11 @@ Diffusion images are float NCHW in [-1, 1]. Every classifier in equidiff is wrap
 or [-1, 1]), optionally clamped to that range, its mean/std normalisation (skip it when the network
 normalises internally), its channel count and its input size (resized only when ``resize=True``;
 otherwise a size mismatch is an error, never a silent resample).
+
+Precision and speed options (``equidiff.utils.precision``): ``dtype`` holds the network's weights in that dtype
+(e.g. ``"bfloat16"``; the mapped input is cast to it and the logits back to the input's dtype, so gradients
+w.r.t. the input and every loss stay fp32), ``channels_last`` (NHWC on CUDA; nothing on the CPU) and ``compile``
+(``torch.compile`` of the network: False, True or a dict of options).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from equidiff.errors import ConfigError
+from equidiff.utils.precision import compile_module, module_dtype, prepare_input, resolve_dtype, to_channels_last
 
 
 def _size2(size) -> tuple[int, int] | None:
@@ -43,13 +49,15 @@ class Classifier(nn.Module):
         gray_to_rgb: repeat 1-channel inputs to 3 channels when the network wants 3.
         num_classes: number of logits (None: not checked).
         class_names: optional names of the classes, for plots and reports.
+        dtype, channels_last, compile: module docstring.
     """
 
     def __init__(self, net: nn.Module, *, input_range: Sequence[float] = (0.0, 1.0), clamp: bool = False,
                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                  channels: int | None = None, image_size=None, resize: bool = False,
                  gray_to_rgb: bool = False, num_classes: int | None = None,
-                 class_names: Sequence[str] | None = None):
+                 class_names: Sequence[str] | None = None, dtype: str | None = None, channels_last: bool = False,
+                 compile=False):
         super().__init__()
         lo, hi = (float(v) for v in input_range)
         if hi <= lo:
@@ -68,6 +76,10 @@ class Classifier(nn.Module):
             self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1))
         else:
             self.mean = self.std = None
+        if dtype is not None:
+            self.net.to(resolve_dtype(dtype))
+        self.channels_last, self._nhwc_done = bool(channels_last), False
+        compile_module(self.net, compile)
 
     # ---------------------------------------------------------------- contract
     def check_compatible(self, image_shape: Sequence[int]) -> None:
@@ -109,7 +121,13 @@ class Classifier(nn.Module):
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.net(self.preprocess(x))
+        if self.channels_last and x.is_cuda and not self._nhwc_done:
+            to_channels_last(self.net)
+            self._nhwc_done = True
+        h = prepare_input(self.preprocess(x), module_dtype(self.net, x.dtype), self.channels_last)
+        logits = self.net(h)
+        if x.is_floating_point():
+            logits = logits.to(x.dtype)
         if self.num_classes is not None and logits.shape[-1] != self.num_classes:
             raise ConfigError(f"the classifier returned {logits.shape[-1]} logits, expected num_classes="
                               f"{self.num_classes}")

@@ -11,6 +11,11 @@ the differentiable chain speak one protocol, ``model_fn(x_t, t) -> eps``. It als
 * ``decode(z)`` / ``encode(x)``: identity for pixel models; the VAE with its scaling factor
   for latent models.
 
+Precision and speed options of the loaders (``equidiff.utils.precision``): ``dtype`` (the network's weights, e.g.
+``"bfloat16"``; the adapter casts x_t to it and eps back to x_t's dtype, so samplers keep an fp32 state),
+``channels_last`` (NHWC convolutions on CUDA; nothing on the CPU) and ``compile`` (``torch.compile`` of the
+denoising network: False, True or a dict of ``torch.compile`` options).
+
 Loaders read a local folder (``save_pretrained`` layout) or a hub id through
 ``from_pretrained``. Nothing is downloaded when ``HF_HUB_OFFLINE=1``; a missing folder or an
 uncached hub id is a clear error that says what to do.
@@ -27,15 +32,20 @@ import torch
 from torch import nn
 
 from equidiff.errors import ConfigError
+from equidiff.utils.precision import compile_module, module_dtype, prepare_input, resolve_dtype, to_channels_last
 
 _PRED_TYPES = ("epsilon", "sample", "v_prediction")
 
 
 def _to_eps(out: torch.Tensor, x_t: torch.Tensor, t, alphas_cumprod: torch.Tensor, prediction_type: str):
-    """Convert a network output of ``prediction_type`` to eps (DDPM / v-param. identities)."""
+    """Convert a network output of ``prediction_type`` to eps (DDPM / v-param. identities).
+
+    ``alphas_cumprod`` lives on x_t's device (the backbone's buffer): t is looked up there, not read on the host.
+    """
     if prediction_type == "epsilon":
         return out
-    ab = alphas_cumprod.to(x_t.device, x_t.dtype)[torch.as_tensor(t, device=x_t.device).long()]
+    t = torch.as_tensor(t, device=alphas_cumprod.device).long()
+    ab = alphas_cumprod.index_select(0, t.reshape(-1)).reshape(t.shape).to(x_t.dtype)
     ab = ab.reshape(-1, *([1] * (x_t.ndim - 1))) if ab.ndim else ab
     if prediction_type == "sample":  # eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab)
         return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
@@ -50,13 +60,34 @@ class DiffusionBackbone(nn.Module):
     is_latent: bool = False
     num_classes: int | None = None  # class-conditional backbones set this
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, *, channels_last: bool = False):
         super().__init__()
         self.scheduler = scheduler
         pt = scheduler.config.get("prediction_type", "epsilon")
         if pt not in _PRED_TYPES:
             raise ConfigError(f"scheduler prediction_type {pt!r} is not supported; expected one of {_PRED_TYPES}")
         self.prediction_type = pt
+        # alpha_bar on the model's device (moves with .to(device)), for _to_eps; not part of the state dict (None for
+        # a scheduler without one, e.g. flow matching)
+        ac = getattr(scheduler, "alphas_cumprod", None)
+        self.register_buffer("_alphas_cumprod", ac.detach().clone().float() if ac is not None else None,
+                             persistent=False)
+        self.channels_last = bool(channels_last)
+        self._nhwc_done = False
+
+    def _apply(self, fn, recurse=True):
+        # the alpha_bar table stays fp32 whatever dtype the network is cast to
+        out = super()._apply(fn, recurse)
+        if self._alphas_cumprod is not None and self._alphas_cumprod.dtype != torch.float32:
+            self._alphas_cumprod = self._alphas_cumprod.float()
+        return out
+
+    def _prepare(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """x in the network's dtype (NHWC on CUDA with ``channels_last``; the weights converted once)."""
+        if self.channels_last and x.is_cuda and not self._nhwc_done:
+            to_channels_last(network)
+            self._nhwc_done = True
+        return prepare_input(x, module_dtype(network), self.channels_last)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -85,9 +116,10 @@ class UNetBackbone(DiffusionBackbone):
     ``functools.partial(backbone, with_variance=True)`` as the model function of a DDPM sampler or chain.
     """
 
-    def __init__(self, unet, scheduler):
-        super().__init__(scheduler)
+    def __init__(self, unet, scheduler, *, channels_last: bool = False, compile=False):
+        super().__init__(scheduler, channels_last=channels_last)
         self.unet = unet.eval().requires_grad_(False)
+        compile_module(self.unet, compile)
 
     @property
     def sample_shape(self):
@@ -102,9 +134,9 @@ class UNetBackbone(DiffusionBackbone):
         return cfg.out_channels == 2 * cfg.in_channels
 
     def forward(self, x_t: torch.Tensor, t, *, with_variance: bool = False, **cond) -> torch.Tensor:
-        out = self.unet(x_t, t, **cond).sample
+        out = self.unet(self._prepare(self.unet, x_t), t, **cond).sample.to(x_t.dtype)
         c = x_t.shape[1]
-        eps = _to_eps(out[:, :c], x_t, t, self.scheduler.alphas_cumprod, self.prediction_type)
+        eps = _to_eps(out[:, :c], x_t, t, self._alphas_cumprod, self.prediction_type)
         if not with_variance:
             return eps
         if out.shape[1] != 2 * c:
@@ -124,10 +156,12 @@ class LatentDiTBackbone(DiffusionBackbone):
 
     is_latent = True
 
-    def __init__(self, transformer, vae, scheduler, *, guidance_scale: float = 1.0, sample_posterior: bool = False):
+    def __init__(self, transformer, vae, scheduler, *, guidance_scale: float = 1.0, sample_posterior: bool = False,
+                 compile=False):
         super().__init__(scheduler)
         self.transformer = transformer.eval().requires_grad_(False)
         self.vae = vae.eval().requires_grad_(False)
+        compile_module(self.transformer, compile)
         self.guidance_scale = float(guidance_scale)
         self.sample_posterior = sample_posterior
         self.scaling_factor = float(vae.config.get("scaling_factor", 0.18215))
@@ -150,22 +184,23 @@ class LatentDiTBackbone(DiffusionBackbone):
                              "functools.partial(backbone, class_labels=labels)")
         b, c = z_t.shape[:2]
         t_b = torch.as_tensor(t, device=z_t.device).reshape(-1).expand(b)
+        z_in = self._prepare(self.transformer, z_t)
         if self.guidance_scale > 1:
             null = torch.full_like(class_labels, self.num_classes)
-            out = self.transformer(torch.cat([z_t, z_t]), timestep=torch.cat([t_b, t_b]),
-                                   class_labels=torch.cat([class_labels, null])).sample[:, :c]
+            out = self.transformer(torch.cat([z_in, z_in]), timestep=torch.cat([t_b, t_b]),
+                                   class_labels=torch.cat([class_labels, null])).sample[:, :c].to(z_t.dtype)
             cond, uncond = out.chunk(2)
             eps = uncond + self.guidance_scale * (cond - uncond)
         else:
-            eps = self.transformer(z_t, timestep=t_b, class_labels=class_labels).sample[:, :c]
-        return _to_eps(eps, z_t, t, self.scheduler.alphas_cumprod, self.prediction_type)
+            eps = self.transformer(z_in, timestep=t_b, class_labels=class_labels).sample[:, :c].to(z_t.dtype)
+        return _to_eps(eps, z_t, t, self._alphas_cumprod, self.prediction_type)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z / self.scaling_factor).sample
+        return self.vae.decode(self._prepare(self.vae, z / self.scaling_factor)).sample.to(z.dtype)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        dist = self.vae.encode(x).latent_dist
-        return (dist.sample() if self.sample_posterior else dist.mode()) * self.scaling_factor
+        dist = self.vae.encode(self._prepare(self.vae, x)).latent_dist
+        return (dist.sample() if self.sample_posterior else dist.mode()).to(x.dtype) * self.scaling_factor
 
 
 # ----------------------------------------------------------------------------- loading
@@ -272,34 +307,38 @@ def _unet_class(path: str, sub: str | None, is_local: bool, default):
     return default
 
 
-def load_unet(path: str, *, scheduler=None, dtype: str | None = None) -> UNetBackbone:
+def load_unet(path: str, *, scheduler=None, dtype: str | None = None, channels_last: bool = False,
+              compile=False) -> UNetBackbone:
     """Load a pixel UNet2DModel + scheduler from a pipeline folder / hub id (DDPMPipeline layout).
 
     ``scheduler``: a built diffusers scheduler to use instead of the saved one (needed for a
-    bare model folder without a scheduler).
+    bare model folder without a scheduler). ``dtype``, ``channels_last``, ``compile``: module docstring.
     """
     from diffusers import DDPMScheduler, UNet2DModel
 
     path, is_local = _resolve(path)
     sub, sched_sub = _subfolders(path, is_local, "unet")
-    kw = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
+    kw = {"torch_dtype": resolve_dtype(dtype)} if dtype else {}
     unet = _from_pretrained(_unet_class(path, sub, is_local, UNet2DModel), path, is_local, subfolder=sub, **kw)
     if scheduler is None:
         if sched_sub is None:
             raise ConfigError(f"{path!r} holds a bare UNet without a scheduler; set diffusion.scheduler "
                               "(e.g. a DDPMScheduler config)")
         scheduler = _from_pretrained(DDPMScheduler, path, is_local, subfolder=sched_sub)
-    return UNetBackbone(unet, scheduler)
+    return UNetBackbone(unet, scheduler, channels_last=channels_last, compile=compile)
 
 
 def load_dit(path: str, *, scheduler=None, vae_path: str | None = None, guidance_scale: float = 1.0,
-             dtype: str | None = None) -> LatentDiTBackbone:
-    """Load a latent DiT (transformer/ + vae/ + scheduler/, the facebook/DiT-XL-2-256 layout)."""
+             dtype: str | None = None, compile=False) -> LatentDiTBackbone:
+    """Load a latent DiT (transformer/ + vae/ + scheduler/, the facebook/DiT-XL-2-256 layout).
+
+    ``dtype`` applies to the transformer and the VAE, ``compile`` to the transformer (module docstring).
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, DiTTransformer2DModel
 
     path, is_local = _resolve(path)
     sub, sched_sub = _subfolders(path, is_local, "transformer")
-    kw = {"torch_dtype": getattr(torch, dtype)} if dtype else {}
+    kw = {"torch_dtype": resolve_dtype(dtype)} if dtype else {}
     transformer = _from_pretrained(DiTTransformer2DModel, path, is_local, subfolder=sub, **kw)
     if vae_path is not None:
         vpath, vlocal = _resolve(vae_path)
@@ -313,4 +352,4 @@ def load_dit(path: str, *, scheduler=None, vae_path: str | None = None, guidance
         if sched_sub is None:
             raise ConfigError(f"{path!r} has no scheduler; set diffusion.scheduler")
         scheduler = _from_pretrained(DDIMScheduler, path, is_local, subfolder=sched_sub)
-    return LatentDiTBackbone(transformer, vae, scheduler, guidance_scale=guidance_scale)
+    return LatentDiTBackbone(transformer, vae, scheduler, guidance_scale=guidance_scale, compile=compile)

@@ -8,7 +8,8 @@ steps, which per-step gradient checkpointing gives (one extra forward per step o
 
 Noise (for eta > 0) is drawn *outside* the checkpointed function and passed in, so the
 recomputation on backward sees exactly the same numbers (pitfalls A3: checkpoint RNG replay
-covers only global RNG state, not our per-sample generators).
+covers only global RNG state, not our per-sample generators). The steps' numbers are computed once before the
+loop (``DDIMSteps``, ``DDPMSteps``): the loops read no tensor on the host.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from diffusers import DDIMScheduler
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from equidiff.diffusion.ddpm import ddpm_scheduler, ddpm_step
-from equidiff.diffusion.schedulers import fresh_scheduler, respaced_timesteps
-from equidiff.utils.rng import randn_per_sample
+from equidiff.diffusion.ddim import DDIMSteps
+from equidiff.diffusion.ddpm import DDPMSteps, ddpm_scheduler
+from equidiff.diffusion.schedulers import respaced_timesteps
+from equidiff.utils.rng import PerSampleNoise
 
 
 def chain_timesteps(scheduler, num_steps: int, spacing: str = "leading") -> torch.Tensor:
@@ -34,8 +35,10 @@ def draw_chain_noise(
     shape: Sequence[int], generators: Sequence[torch.Generator], num_steps: int, *, start_index: int = 0,
     device=None, dtype=torch.float32,
 ) -> list[torch.Tensor]:
-    """Per-step, per-sample noises z for a stochastic chain (eta > 0), drawn ahead of time."""
-    return [randn_per_sample(shape, generators, device=device, dtype=dtype) for _ in range(start_index, num_steps)]
+    """Per-step, per-sample noises z for a stochastic chain (eta > 0), drawn ahead of time (one stream per sample,
+    ``equidiff.utils.rng.PerSampleNoise``)."""
+    return PerSampleNoise(shape, generators, max(num_steps - start_index, 0), device=device, dtype=dtype).take(
+        max(num_steps - start_index, 0))
 
 
 def noise_to_step(x_0: torch.Tensor, scheduler, *, num_steps: int, start_index: int, noise: torch.Tensor,
@@ -48,7 +51,7 @@ def noise_to_step(x_0: torch.Tensor, scheduler, *, num_steps: int, start_index: 
     _check_start(start_index, num_steps)
     timesteps = chain_timesteps(scheduler, num_steps, spacing)
     tau = timesteps[start_index]
-    ab = scheduler.alphas_cumprod.to(device=x_0.device, dtype=x_0.dtype)[tau]
+    ab = scheduler.alphas_cumprod[int(tau)]  # a host scalar: no copy of the table to the device
     return ab.sqrt() * x_0 + (1 - ab).sqrt() * noise, tau
 
 
@@ -74,23 +77,21 @@ def ddim_chain(
     with the number of steps.
     """
     _check_start(start_index, num_steps)
-    sched = fresh_scheduler(scheduler, DDIMScheduler, scheduler_overrides)
-    sched.set_timesteps(num_steps, device=x_start.device)
-    timesteps = sched.timesteps[start_index:]
-    if eta > 0 and (noises is None or len(noises) != len(timesteps)):
-        raise ValueError(f"eta={eta} needs one noise tensor per remaining step ({len(timesteps)}), "
+    steps = DDIMSteps.build(scheduler, num_steps, eta=eta, device=x_start.device, overrides=scheduler_overrides)
+    todo = range(start_index, len(steps))
+    if eta > 0 and (noises is None or len(noises) != len(todo)):
+        raise ValueError(f"eta={eta} needs one noise tensor per remaining step ({len(todo)}), "
                          f"got {None if noises is None else len(noises)}; use draw_chain_noise")
 
-    def step(x_t, t, z):
+    def step(x_t, i, z):
         # one DDIM update x_t -> x_{t-1}; a pure function of its inputs (safe to recompute)
-        eps = model_fn(x_t, t)
-        return sched.step(eps, t, x_t, eta=eta, variance_noise=z).prev_sample
+        return steps.step(i, model_fn(x_t, steps.timesteps[i]), x_t, z)[0]
 
     use_ckpt = checkpoint and torch.is_grad_enabled()
     x_t = x_start
-    for i, t in enumerate(timesteps):
-        z = noises[i] if eta > 0 else None
-        x_t = _checkpoint(step, x_t, t, z, use_reentrant=False) if use_ckpt else step(x_t, t, z)
+    for k, i in enumerate(todo):
+        z = noises[k] if eta > 0 else None
+        x_t = _checkpoint(step, x_t, i, z, use_reentrant=False) if use_ckpt else step(x_t, i, z)
     return x_t
 
 
@@ -118,16 +119,22 @@ def ddpm_chain(
                                              if t > 0):
         raise ValueError(f"the DDPM chain needs one noise per step with t > 0 ({len(timesteps)} steps over "
                          f"{timesteps.tolist()}); use draw_ddpm_noise")
-    sched = ddpm_scheduler(scheduler, timesteps, overrides=scheduler_overrides, device=x_start.device)
+    steps = DDPMSteps.build(ddpm_scheduler(scheduler, timesteps, overrides=scheduler_overrides), device=x_start.device)
+    return run_ddpm_steps(model_fn, x_start, steps, noises, checkpoint=checkpoint)
 
-    def step(x_t, t, z):
+
+def run_ddpm_steps(model_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x_start: torch.Tensor,
+                   steps: DDPMSteps, noises: Sequence[torch.Tensor | None], *, checkpoint: bool = True) -> torch.Tensor:
+    """``ddpm_chain`` over prebuilt ``steps`` (for a caller running the same chain many times, e.g. ACE's PGD)."""
+
+    def step(x_t, i, z):
         # one ancestral step x_t -> x_{t'}; a pure function of its inputs (safe to recompute)
-        return ddpm_step(sched, model_fn(x_t, t), t, x_t, z)[0]
+        return steps.step(i, model_fn(x_t, steps.timesteps[i]), x_t, z)[0]
 
     use_ckpt = checkpoint and torch.is_grad_enabled()
     x_t = x_start
-    for t, z in zip(sched.timesteps, noises, strict=True):
-        x_t = _checkpoint(step, x_t, t, z, use_reentrant=False) if use_ckpt else step(x_t, t, z)
+    for i, z in enumerate(noises):
+        x_t = _checkpoint(step, x_t, i, z, use_reentrant=False) if use_ckpt else step(x_t, i, z)
     return x_t
 
 

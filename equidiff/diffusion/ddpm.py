@@ -12,12 +12,13 @@ the posterior variance beta~_t of the (respaced) chain; with C channels it is th
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDPMScheduler
 
 from equidiff.diffusion.schedulers import fresh_scheduler, respaced_timesteps
-from equidiff.utils.rng import randn_per_sample
+from equidiff.utils.rng import PerSampleNoise
 
 _LEARNED = ("learned", "learned_range")
 
@@ -34,6 +35,99 @@ def ddpm_scheduler(scheduler, timesteps: Sequence[int] | torch.Tensor, *, overri
     return sched
 
 
+@dataclass(frozen=True)
+class DDPMSteps:
+    """The per-step numbers of a DDPM chain over a scheduler's timesteps: fp32 tensors ``[n]`` on the device.
+
+    Computed once on the host, with the expressions of ``DDPMScheduler.step`` / ``_get_variance`` on 0-d fp32
+    tensors as there, and moved to the device in one copy: the loop (``step``) reads no tensor on the host.
+    ``host_timesteps`` are the same timesteps on the host (step i adds noise when t > 0). For a fixed variance
+    type ``std[i]`` is the step's standard deviation; for ``learned_range`` the model's v interpolates
+    ``min_log[i]`` (log beta~_t) and ``max_log[i]`` (log beta_t).
+    """
+
+    scheduler: DDPMScheduler
+    timesteps: torch.Tensor
+    host_timesteps: tuple[int, ...]
+    sqrt_one_minus_alpha_bar: torch.Tensor
+    sqrt_alpha_bar: torch.Tensor
+    coef_x0: torch.Tensor
+    coef_xt: torch.Tensor
+    std: torch.Tensor
+    min_log: torch.Tensor
+    max_log: torch.Tensor
+
+    @classmethod
+    def build(cls, sched: DDPMScheduler, *, device=None, timesteps: Sequence[int] | None = None) -> DDPMSteps:
+        """The steps of ``sched`` (set to its timesteps, e.g. by ``ddpm_scheduler``), or of the listed ``timesteps``."""
+        ts = [int(t) for t in (sched.timesteps.tolist() if timesteps is None else timesteps)]
+        fixed = sched.config.variance_type
+        rows = []
+        for t in ts:
+            prev_t = int(sched.previous_timestep(t))
+            ab_t = sched.alphas_cumprod[t]
+            ab_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.one
+            beta_prod_t, beta_prod_prev = 1 - ab_t, 1 - ab_prev
+            alpha_t = ab_t / ab_prev  # the respaced chain's alpha_t and beta_t (guided-diffusion's SpacedDiffusion)
+            beta_t = 1 - alpha_t
+            # the posterior variance beta~_t, clamped as _get_variance does before taking its log
+            post = ((1 - ab_prev) / (1 - ab_t) * beta_t).clamp(min=1e-20)
+            if fixed in _LEARNED:
+                std = torch.tensor(float("nan"))  # given by the model's v in the step
+            else:
+                var = sched._get_variance(t, variance_type=fixed)
+                std = var if fixed == "fixed_small_log" else var ** (0.5)  # fixed_small_log: already a std
+            rows.append((beta_prod_t ** (0.5), ab_t ** (0.5), ab_prev ** (0.5) * beta_t / beta_prod_t,
+                         alpha_t ** (0.5) * beta_prod_prev / beta_prod_t, std, torch.log(post), torch.log(beta_t)))
+        cols = [torch.stack(c).to(device) for c in zip(*rows, strict=True)]
+        return cls(sched, torch.tensor(ts, dtype=torch.long).to(device), tuple(ts), *cols)
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def has_noise(self) -> tuple[bool, ...]:
+        """Whether each step adds noise (t > 0; the step to x_0 adds none, as in diffusers and guided-diffusion)."""
+        return tuple(t > 0 for t in self.host_timesteps)
+
+    def step(self, i: int, model_output: torch.Tensor, x_t: torch.Tensor,
+             noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step i, x_t -> x_{t'}; returns (x_{t'}, x0_hat). ``model_output``: eps, or eps and v (module docstring)."""
+        cfg = self.scheduler.config
+        c = x_t.shape[1]
+        if model_output.shape[1] == 2 * c:
+            eps, v = model_output.split(c, dim=1)
+            variance_type = "learned_range"
+        elif model_output.shape[1] == c:
+            eps, v, variance_type = model_output, None, cfg.variance_type
+            if variance_type in _LEARNED:
+                raise ValueError(f"variance_type={variance_type!r} needs the model's variance values: give a model "
+                                 "function returning eps and v (2C channels)")
+        else:
+            raise ValueError(f"the model output has {model_output.shape[1]} channels for a {c}-channel sample; "
+                             f"expected eps ({c}) or eps and learned variance values ({2 * c})")
+        # eq. 15: x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), clipped (clip_denoised)
+        x0_hat = (x_t - self.sqrt_one_minus_alpha_bar[i] * eps) / self.sqrt_alpha_bar[i]
+        if cfg.thresholding:
+            x0_hat = self.scheduler._threshold_sample(x0_hat)
+        elif cfg.clip_sample:
+            x0_hat = x0_hat.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+        # eq. 7: the posterior mean mu~(x_t, x0_hat)
+        mean = self.coef_x0[i] * x0_hat + self.coef_xt[i] * x_t
+        if self.host_timesteps[i] > 0:
+            if noise is None:
+                raise ValueError(f"the DDPM step at t={self.host_timesteps[i]} needs its noise")
+            if variance_type == "learned_range":  # log Sigma = frac log beta_t + (1 - frac) log beta~_t (eq. 15)
+                frac = (v + 1) / 2
+                std = torch.exp(0.5 * (frac * self.max_log[i] + (1 - frac) * self.min_log[i]))
+            elif variance_type == "learned":  # diffusers' reading of the raw v as the variance
+                std = v ** (0.5)
+            else:
+                std = self.std[i]
+            mean = mean + std * noise
+        return mean, x0_hat
+
+
 def ddpm_step(sched: DDPMScheduler, model_output: torch.Tensor, t, x_t: torch.Tensor,
               noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """One ancestral step x_t -> x_{t'} to the scheduler's previous timestep t'; returns (x_{t'}, x0_hat).
@@ -41,55 +135,22 @@ def ddpm_step(sched: DDPMScheduler, model_output: torch.Tensor, t, x_t: torch.Te
     Equal to ``DDPMScheduler.step`` drawing the same ``noise`` (tested bit for bit). It is written out
     because ``DDPMScheduler.step`` draws its noise itself and takes no ``variance_noise``, while the
     differentiable chain must draw it outside the checkpointed step (its recomputation would draw
-    again) and per sample. ``noise`` is ignored (may be None) at t = 0, where no noise is added, as in
-    diffusers and guided-diffusion. ``model_output``: eps, or eps and v (module docstring).
+    again) and per sample; and because it reads the timestep on the host. ``noise`` is ignored (may be None)
+    at t = 0, where no noise is added, as in diffusers and guided-diffusion. ``model_output``: eps, or eps and v
+    (module docstring). This one-step form reads t on the host; loops use ``DDPMSteps`` (no host sync).
     """
-    c = x_t.shape[1]
-    if model_output.shape[1] == 2 * c:
-        eps, v = model_output.split(c, dim=1)
-        variance_type = "learned_range"
-    elif model_output.shape[1] == c:
-        eps, v, variance_type = model_output, None, sched.config.variance_type
-        if variance_type in _LEARNED:
-            raise ValueError(f"variance_type={variance_type!r} needs the model's variance values: give a model "
-                             "function returning eps and v (2C channels)")
-    else:
-        raise ValueError(f"the model output has {model_output.shape[1]} channels for a {c}-channel sample; expected "
-                         f"eps ({c}) or eps and learned variance values ({2 * c})")
-    prev_t = sched.previous_timestep(t)
-    ab_t = sched.alphas_cumprod[t]
-    ab_prev = sched.alphas_cumprod[prev_t] if prev_t >= 0 else sched.one
-    beta_prod_t, beta_prod_prev = 1 - ab_t, 1 - ab_prev
-    alpha_t = ab_t / ab_prev  # the respaced chain's alpha_t and beta_t (guided-diffusion's SpacedDiffusion)
-    beta_t = 1 - alpha_t
-    # eq. 15: x0_hat = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t), clipped (clip_denoised)
-    x0_hat = (x_t - beta_prod_t ** (0.5) * eps) / ab_t ** (0.5)
-    if sched.config.thresholding:
-        x0_hat = sched._threshold_sample(x0_hat)
-    elif sched.config.clip_sample:
-        x0_hat = x0_hat.clamp(-sched.config.clip_sample_range, sched.config.clip_sample_range)
-    # eq. 7: the posterior mean mu~(x_t, x0_hat)
-    mean = (ab_prev ** (0.5) * beta_t / beta_prod_t) * x0_hat + (alpha_t ** (0.5) * beta_prod_prev / beta_prod_t) * x_t
-    if t > 0:
-        if noise is None:
-            raise ValueError(f"the DDPM step at t={int(t)} needs its noise")
-        var = sched._get_variance(t, predicted_variance=v, variance_type=variance_type)
-        if variance_type == "learned_range":  # a log-variance
-            std = torch.exp(0.5 * var)
-        elif variance_type == "fixed_small_log":  # already a standard deviation
-            std = var
-        else:
-            std = var ** (0.5)
-        mean = mean + std * noise
-    return mean, x0_hat
+    steps = DDPMSteps.build(sched, device=x_t.device, timesteps=[int(t)])
+    return steps.step(0, model_output, x_t, noise)
 
 
 def draw_ddpm_noise(shape: Sequence[int], generators: Sequence[torch.Generator],
                     timesteps: Sequence[int] | torch.Tensor, *, device=None,
                     dtype=torch.float32) -> list[torch.Tensor | None]:
-    """The step noises of a DDPM chain over ``timesteps``, per sample: one z per step with t > 0, None at t = 0."""
-    return [randn_per_sample(shape, generators, device=device, dtype=dtype) if int(t) > 0 else None
-            for t in timesteps]
+    """The step noises of a DDPM chain over ``timesteps``, per sample: one z per step with t > 0, None at t = 0
+    (drawn as one stream per sample, ``equidiff.utils.rng.PerSampleNoise``)."""
+    ts = [int(t) for t in timesteps]
+    noise = PerSampleNoise(shape, generators, sum(t > 0 for t in ts), device=device, dtype=dtype)
+    return [noise.next() if t > 0 else None for t in ts]
 
 
 def sample_ddpm(
@@ -114,15 +175,18 @@ def sample_ddpm(
     if generators is None or len(generators) != x_T.shape[0]:
         raise ValueError(f"DDPM sampling needs one generator per sample ({x_T.shape[0]}), got "
                          f"{None if generators is None else len(generators)}")
-    steps = num_steps or scheduler.config.num_train_timesteps
-    sched = ddpm_scheduler(scheduler, respaced_timesteps(scheduler, steps, spacing), overrides=scheduler_overrides,
-                           device=x_T.device)
+    n = num_steps or scheduler.config.num_train_timesteps
+    sched = ddpm_scheduler(scheduler, respaced_timesteps(scheduler, n, spacing), overrides=scheduler_overrides)
+    steps = DDPMSteps.build(sched, device=x_T.device)
+    has_noise = steps.has_noise
+    noise = PerSampleNoise(x_T.shape[1:], generators, sum(has_noise), device=x_T.device, dtype=x_T.dtype,
+                           transient=True)
     x_t = x_T
-    for i, t in enumerate(sched.timesteps):
+    for i in range(len(steps)):
+        t = steps.timesteps[i]
         # 4. x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alpha_bar_t) eps_theta) + sigma_t z
         out = model_fn(x_t, t)
-        z = randn_per_sample(x_t.shape[1:], generators, device=x_t.device, dtype=x_t.dtype) if t > 0 else None
-        x_t, x0_hat = ddpm_step(sched, out, t, x_t, z)
+        x_t, x0_hat = steps.step(i, out, x_t, noise.next() if has_noise[i] else None)
         if callback is not None:
             callback(i, t, x_t, x0_hat)
     return x_t

@@ -66,11 +66,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from equidiff.diffusion.chain import ddpm_chain
-from equidiff.diffusion.ddpm import ddpm_scheduler, ddpm_step, draw_ddpm_noise
+from equidiff.diffusion.chain import run_ddpm_steps
+from equidiff.diffusion.ddpm import DDPMSteps, ddpm_scheduler
 from equidiff.diffusion.schedulers import SPACINGS, alpha_bar, respaced_timesteps
 from equidiff.errors import ConfigError
-from equidiff.utils.rng import randn_per_sample
+from equidiff.utils.precision import upcast
+from equidiff.utils.rng import PerSampleNoise
 
 DISTANCES = ("l1", "l2")
 DISTANCE_ON = ("input", "filtered")
@@ -111,7 +112,8 @@ def predicted_class(logits: torch.Tensor) -> torch.Tensor:
 
 
 def classification_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """L_class per sample: cross-entropy toward ``target`` (binary cross-entropy for a single logit)."""
+    """L_class per sample: cross-entropy toward ``target`` (binary cross-entropy for a single logit), in fp32."""
+    logits = upcast(logits)
     if logits.shape[-1] == 1:
         return F.binary_cross_entropy_with_logits(logits[:, 0], target.to(logits.dtype), reduction="none")
     return F.cross_entropy(logits, target.long(), reduction="none")
@@ -189,28 +191,33 @@ def _check_spacing(spacing: str) -> None:
 def draw_filter_noise(shape: Sequence[int], generators: Sequence[torch.Generator], timesteps: torch.Tensor, *,
                       device=None, dtype=torch.float32) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
     """The noises of one filter pass over ``timesteps`` (``filter_timesteps``), per sample: eps of line 5, then
-    one z per DDPM step with t > 0 (line 10; None at t = 0, which adds no noise)."""
-    eps = randn_per_sample(shape, generators, device=device, dtype=dtype)
-    return eps, draw_ddpm_noise(shape, generators, timesteps, device=device, dtype=dtype)
+    one z per DDPM step with t > 0 (line 10; None at t = 0, which adds no noise). One stream per sample
+    (``equidiff.utils.rng.PerSampleNoise``), in this order."""
+    ts = [int(t) for t in timesteps]
+    noise = PerSampleNoise(shape, generators, 1 + sum(t > 0 for t in ts), device=device, dtype=dtype)
+    return noise.next(), [noise.next() if t > 0 else None for t in ts]
 
 
 def diffusion_filter(backbone: nn.Module, x: torch.Tensor, *, num_steps: int, tau: int, eps: torch.Tensor,
                      noises: Sequence[torch.Tensor | None], checkpoint: bool = True, spacing: str = "guided_diffusion",
-                     clip_denoised: bool = True, learned_variance: bool = True) -> torch.Tensor:
+                     clip_denoised: bool = True, learned_variance: bool = True,
+                     steps: DDPMSteps | None = None) -> torch.Tensor:
     """F_tau(x): noise x to step tau (Algorithm 1, line 6) and denoise it with DDPM (lines 7-13), differentiably.
 
     The reference's ``JointClassifierDDPM``: q_sample to the respaced step tau, then guided-diffusion's
     ``p_mean_variance`` steps (module docstring) with the pre-drawn ``noises``; with ``checkpoint=True``
-    each step is recomputed on backward (memory flat in tau).
+    each step is recomputed on backward (memory flat in tau). ``steps``: the chain's ``DDPMSteps`` when the caller
+    built them once (``pre_explanation`` does; else they are built here).
     """
     timesteps = filter_timesteps(backbone.scheduler, num_steps=num_steps, tau=tau, spacing=spacing)
     model_fn, overrides = _ddpm_setup(backbone, learned_variance, clip_denoised)
-    # 6. x' = sqrt(alpha_bar_tau) x + sqrt(1 - alpha_bar_tau) eps
-    ab = alpha_bar(backbone.scheduler, timesteps[0]).to(device=x.device, dtype=x.dtype)
+    if steps is None:
+        steps = DDPMSteps.build(ddpm_scheduler(backbone.scheduler, timesteps, overrides=overrides), device=x.device)
+    # 6. x' = sqrt(alpha_bar_tau) x + sqrt(1 - alpha_bar_tau) eps (alpha_bar a host scalar: no copy to the device)
+    ab = alpha_bar(backbone.scheduler, int(timesteps[0]))
     x_tau = ab.sqrt() * x + (1 - ab).sqrt() * eps
     # 8-13. ts = tau - 1 ... 0: x' = mu(x', ts) + Sigma(x', ts) z
-    return ddpm_chain(model_fn, x_tau, backbone.scheduler, timesteps=timesteps, noises=noises, checkpoint=checkpoint,
-                      scheduler_overrides=overrides)
+    return run_ddpm_steps(model_fn, x_tau, steps, noises, checkpoint=checkpoint)
 
 
 def pgd_update(x: torch.Tensor, grad: torch.Tensor, x_orig: torch.Tensor, *, step_size: float,
@@ -238,7 +245,10 @@ def pre_explanation(backbone: nn.Module, classifier: nn.Module, x: torch.Tensor,
     _check_spacing(spacing)
     if distance_on not in DISTANCE_ON:
         raise ConfigError(f"ACE: distance_on must be one of {DISTANCE_ON}, got {distance_on!r}")
-    timesteps = filter_timesteps(backbone.scheduler, num_steps=num_steps, tau=tau, spacing=spacing)
+    timesteps = filter_timesteps(backbone.scheduler, num_steps=num_steps, tau=tau, spacing=spacing).tolist()
+    _, overrides = _ddpm_setup(backbone, learned_variance, clip_denoised)
+    # the filter's steps, built once for all iterations (no host work or copy per iteration)
+    steps = DDPMSteps.build(ddpm_scheduler(backbone.scheduler, timesteps, overrides=overrides), device=x.device)
     x_orig = x.detach()  # 3.
     x_adv = x_orig.clone()
     for n in range(int(iterations)):  # 4.
@@ -249,7 +259,7 @@ def pre_explanation(backbone: nn.Module, classifier: nn.Module, x: torch.Tensor,
             # 6-13. the filtered image x' = F_tau(x), with the graph through all tau steps
             x_filtered = diffusion_filter(backbone, x_var, num_steps=num_steps, tau=tau, eps=eps, noises=noises,
                                           checkpoint=checkpoint, spacing=spacing, clip_denoised=clip_denoised,
-                                          learned_variance=learned_variance)
+                                          learned_variance=learned_variance, steps=steps)
             # 14. L_class(x'; y) + lambda_d d(., x_orig), one value per sample, summed just before grad
             loss = classification_loss(classifier(x_filtered), target)
             if lambda_d:
@@ -298,27 +308,32 @@ def repaint(backbone: nn.Module, x: torch.Tensor, x_pe: torch.Tensor, mask: torc
     _check_spacing(spacing)
     timesteps = filter_timesteps(backbone.scheduler, num_steps=num_steps, tau=tau, spacing=spacing)
     model_fn, overrides = _ddpm_setup(backbone, learned_variance, clip_denoised)
-    sched = ddpm_scheduler(backbone.scheduler, timesteps, overrides=overrides, device=x.device)
+    steps = DDPMSteps.build(ddpm_scheduler(backbone.scheduler, timesteps, overrides=overrides), device=x.device)
+    ts = [int(t) for t in timesteps]
     m = mask.to(x.dtype)
-    shape = x.shape[1:]
+    # each sample's noises, one stream in the reference's order: eps of line 4, then per step the original's eps
+    # (line 12) and z (line 16, none at t = 0)
+    noise = PerSampleNoise(x.shape[1:], generators, 1 + len(ts) + sum(t > 0 for t in ts), device=x.device,
+                           dtype=x.dtype, transient=True)
+    # sqrt(alpha_bar_t), sqrt(1 - alpha_bar_t) of q(x_t | x_0) on the host, once
+    sq = [(alpha_bar(backbone.scheduler, t).sqrt(), (1 - alpha_bar(backbone.scheduler, t)).sqrt()) for t in ts]
 
-    def noised(image, t):  # q(x_t | x_0) = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
-        ab = alpha_bar(backbone.scheduler, t).to(device=x.device, dtype=x.dtype)
-        return ab.sqrt() * image + (1 - ab).sqrt() * randn_per_sample(shape, generators, device=x.device,
-                                                                       dtype=x.dtype)
+    def noised(image, i):  # q(x_t | x_0) = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+        return sq[i][0] * image + sq[i][1] * noise.next()
 
     # 3-4. x' = sqrt(alpha_bar_tau) x' + sqrt(1 - alpha_bar_tau) eps
-    x_t = noised(x_pe, timesteps[0])
-    for i, t in enumerate(sched.timesteps):  # 10. ts = tau - 1 ... 0
+    x_t = noised(x_pe, 0)
+    for i in range(len(steps)):  # 10. ts = tau - 1 ... 0
+        t = steps.timesteps[i]
         # 11-12. x_ts = sqrt(alpha_bar_ts) x + sqrt(1 - alpha_bar_ts) eps
-        x_ts = noised(x, t)
+        x_ts = noised(x, i)
         # 13. x' = m x' + (1 - m) x_ts
         x_t = m * x_t + (1 - m) * x_ts
         if callback is not None:
             callback(i, t, x_t, x_ts)
         # 14-16. x' = mu(x', ts) + Sigma(x', ts) z (no noise at t = 0)
-        z = randn_per_sample(shape, generators, device=x.device, dtype=x.dtype) if t > 0 else None
-        x_t, _ = ddpm_step(sched, model_fn(x_t, t), t, x_t, z)
+        z = noise.next() if ts[i] > 0 else None
+        x_t, _ = steps.step(i, model_fn(x_t, t), x_t, z)
     if paste_original:
         x_t = m * x_t + (1 - m) * x
     return x_t.clamp(-1, 1)

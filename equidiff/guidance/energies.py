@@ -4,7 +4,9 @@ For logits f(x):
     E(x, y) = -f(x)[y]                     (-log p(x, y) up to log Z, eq. 2.34)
     E(x)    = -logsumexp_k f(x)[k]          (-log p(x) up to log Z, eq. 2.33)
     log p(y | x) = f(x)[y] - logsumexp f(x) = E(x) - E(x, y)   (eq. 2.38)
-All functions are per sample (shape [B]) and differentiable.
+All functions are per sample (shape [B]) and differentiable. Labels are checked against the logits
+(``check=True``, a host read); inside a sampling loop the caller checks them once beforehand and passes
+``check=False`` (``ClassifierGuidance`` does), so the loop reads no tensor on the host.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ def check_labels(labels: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"labels {bad[:10]} are outside the classifier's {num_classes} classes (0..{num_classes - 1})")
 
 
-def joint_energy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def joint_energy(logits: torch.Tensor, labels: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """E(x, y) = -f(x)[y]."""
-    check_labels(labels, logits.shape[-1])
+    if check:
+        check_labels(labels, logits.shape[-1])
     return -logits.gather(-1, labels.long().reshape(-1, 1)).squeeze(-1)
 
 
@@ -30,6 +33,6 @@ def marginal_energy(logits: torch.Tensor) -> torch.Tensor:
     return -torch.logsumexp(logits, dim=-1)
 
 
-def log_p_y_given_x(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def log_p_y_given_x(logits: torch.Tensor, labels: torch.Tensor, *, check: bool = True) -> torch.Tensor:
     """log p(y | x) = E(x) - E(x, y)."""
-    return marginal_energy(logits) - joint_energy(logits, labels)
+    return marginal_energy(logits) - joint_energy(logits, labels, check=check)

@@ -107,29 +107,49 @@ class ClassifierGuidance(nn.Module):
     def forward(self, model_fn: Callable, batch: dict, scheduler) -> Callable:
         """The guided model function for this batch (``guidance(model_fn, batch, scheduler)``)."""
         labels = batch[self.label_key]
-        if self.num_classes is not None:
+        if self.num_classes is not None:  # checked once here (one host read per batch), not by the objective per step
             bad = (labels < 0) | (labels >= self.num_classes)
             if bad.any():
                 raise ConfigError(f"guidance labels {labels[bad].unique().tolist()[:10]} are outside the classifier's "
                                   f"{self.num_classes} classes; set data.labels / data.num_classes to match it")
-        alphas_cumprod = scheduler.alphas_cumprod
+        # every number the guided function needs per timestep, for all T training timesteps, computed once on the host
+        # and moved to the labels' device (the sampling device) in one copy: the loop reads no tensor on the host
         T = scheduler.config.num_train_timesteps
+        device = labels.device
+        ab_host = scheduler.alphas_cumprod.float()
+        alpha_bar, ab_values = ab_host.to(device), ab_host.tolist()
+        # s * w(t), with w of the fp32 alpha_bar_t
+        strength = torch.tensor([self.scale * self.schedule(t, ab_values[t], T) for t in range(T)],
+                                dtype=torch.float32).to(device)
+        # guidance is off in the first start_fraction of the reverse process: decided per timestep here; in the loop
+        # a torch.where selects eps there (the direction is computed and dropped: a branch would read t on the host)
+        active = (torch.tensor([not before(t, T, self.start_fraction) for t in range(T)]).to(device)
+                  if self.start_fraction > 0 else None)
 
         def guided(x_t: torch.Tensor, t) -> torch.Tensor:
-            if self.scale == 0 or before(t, T, self.start_fraction):
+            if self.scale == 0:
                 return model_fn(x_t, t)
-            ab = alphas_cumprod[int(t)].to(x_t.device, x_t.dtype)
-            w = self.schedule(t, ab, T)
+            ab, sw = _at(alpha_bar, t), _at(strength, t)
             if self.input == "x0_hat":  # objective on x0_hat(x_t), back-propagated through eps_theta
                 with torch.enable_grad():
                     x = x_t.detach().requires_grad_(True)
                     eps = model_fn(x, t)
                     x0_hat = (x - (1 - ab).sqrt() * eps) / ab.sqrt()
                     (grad,) = torch.autograd.grad(self.objective(x0_hat, labels.to(x.device)).sum(), x)
-                return eps.detach() + self.scale * w * grad  # eps - s w g with g = -grad
-            eps = model_fn(x_t, t)
-            x = x_t if self.input == "x_t" else (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
-            g = self.direction(x, labels.to(x_t.device))
-            return eps - self.scale * w * g  # Algorithm 6, line 7
+                eps = eps.detach()
+                out = eps + sw * grad  # eps - s w g with g = -grad
+            else:
+                eps = model_fn(x_t, t)
+                x = x_t if self.input == "x_t" else (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+                g = self.direction(x, labels.to(x_t.device))
+                out = eps - sw * g  # Algorithm 6, line 7
+            return out if active is None else torch.where(_at(active, t), out, eps)
 
         return guided
+
+
+def _at(table: torch.Tensor, t) -> torch.Tensor:
+    """table[t] as a 0-d tensor on the table's device, without reading a tensor t on the host."""
+    if isinstance(t, torch.Tensor):
+        return table.index_select(0, t.reshape(1).to(device=table.device, dtype=torch.long)).squeeze(0)
+    return table[int(t)]

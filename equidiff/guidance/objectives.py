@@ -3,6 +3,9 @@
 An objective is an ``nn.Module`` called as ``objective(x, labels) -> loss[B]`` (one value per
 sample; guidance follows -grad loss). Sums of objectives compose with ``WeightedSum``. The
 classifier receives diffusion images in [-1, 1] (its ``Classifier`` wrapper maps the range).
+
+Objectives run inside the sampling loop and read no tensor on the host: the labels are checked once, before
+sampling, by ``ClassifierGuidance`` against the classifier's ``num_classes`` (``energies.check_labels``).
 """
 
 from __future__ import annotations
@@ -30,14 +33,14 @@ class NegLogLikelihood(_ClassifierObjective):
     """-log p(y | x): guidance by the classifier score grad log p(y | x_t) (Algorithm 6)."""
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return -log_p_y_given_x(self.classifier(x), labels)
+        return -log_p_y_given_x(self.classifier(x), labels, check=False)
 
 
 class JointEnergy(_ClassifierObjective):
     """E(x, y) = -f(x)[y]: class-conditional energy only (section 4.6)."""
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return joint_energy(self.classifier(x), labels)
+        return joint_energy(self.classifier(x), labels, check=False)
 
 
 class DualEnergy(_ClassifierObjective):
@@ -68,7 +71,7 @@ class DualEnergy(_ClassifierObjective):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         logits = self.classifier(x)
-        e_xy = joint_energy(logits, labels)
+        e_xy = joint_energy(logits, labels, check=False)
         delta = (self.class_means[labels.long()] - marginal_energy(logits)).abs()  # Delta E(x), eq. 4.5
         return e_xy + self.lam * delta
 

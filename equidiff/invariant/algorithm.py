@@ -12,6 +12,7 @@ summed just before ``backward``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -19,6 +20,7 @@ from torch import nn
 
 from equidiff.errors import ConfigError
 from equidiff.invariant.objectives import as_vector
+from equidiff.utils.precision import full_precision, upcast
 
 
 def invariance_loss(values: torch.Tensor, values_filtered: torch.Tensor | None, target: torch.Tensor,
@@ -32,13 +34,22 @@ def invariance_loss(values: torch.Tensor, values_filtered: torch.Tensor | None, 
 
 def evaluate(objective: nn.Module, x: torch.Tensor, target: torch.Tensor, lam: float,
              low_pass: Callable | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(loss [B], L(x) [B, m], L(F(x)) [B, m] or None) for images or points x."""
+    """(loss [B], L(x) [B, m], L(F(x)) [B, m] or None) for images or points x.
+
+    Computed in fp32 with autocast off whatever the run's precision: the loss decides convergence at tolerance
+    tau, which bf16 values (8 significant bits) would blur (``equidiff.utils.precision``).
+    """
+    with full_precision():
+        return _evaluate(objective, upcast(x), upcast(target), lam, low_pass)
+
+
+def _evaluate(objective, x, target, lam, low_pass):
     b = x.shape[0]
-    values = as_vector(objective(x), b)  # line 15
+    values = upcast(as_vector(objective(x), b))  # line 15
     if values.shape != target.shape:
         raise ConfigError(f"the target has shape {tuple(target.shape)} but the objective gives {tuple(values.shape)} "
                           "per batch; give one target vector per sample with the objective's size")
-    filtered = as_vector(objective(low_pass(x)), b) if low_pass is not None else None  # lines 16-17
+    filtered = upcast(as_vector(objective(low_pass(x)), b)) if low_pass is not None else None  # lines 16-17
     return invariance_loss(values, filtered, target, lam), values, filtered
 
 
@@ -79,18 +90,20 @@ def invariant_optimize(generate: Callable[[torch.Tensor, list[int]], torch.Tenso
             z = torch.cat([params[i] for i in active])
             x = generate(z, active)  # lines 9-14
             loss, _, _ = evaluate(objective, x, target[active], lam, low_pass)  # lines 15-20
-        if not torch.isfinite(loss).all():
-            bad = [i for j, i in enumerate(active) if not torch.isfinite(loss[j])]
+        # the iteration's one host read: convergence and the best iterates are decided on the host
+        losses = loss.detach().cpu().tolist()
+        if not all(math.isfinite(v) for v in losses):
+            bad = [i for j, i in enumerate(active) if not math.isfinite(losses[j])]
             raise ConfigError(f"the invariance loss became non-finite at iteration {step} for batch items {bad}; the "
                               "optimiser diverged: lower its learning rate (optimizer.lr) or the loss weight lambda")
         if best_x is None:
             best_x = torch.zeros((b, *x.shape[1:]), dtype=x.dtype, device=x.device)
         for j, i in enumerate(active):  # keep each sample's best iterate
-            if loss[j].item() < best_loss[i]:
-                best_loss[i] = loss[j].item()
+            if losses[j] < best_loss[i]:
+                best_loss[i] = losses[j]
                 best_x[i] = x[j].detach()
                 best_z[i] = params[i].detach()[0]
-        converged_now = [i for j, i in enumerate(active) if loss[j].item() < tau]  # line 21
+        converged_now = [i for j, i in enumerate(active) if losses[j] < tau]  # line 21
         for i in converged_now:
             done[i], iterations[i] = True, step
         if callback is not None:

@@ -76,6 +76,9 @@ class Energy(_OnClassifier):
             raise ConfigError(f"Energy kind must be 'marginal' or 'joint', got {kind!r}")
         if kind == "joint" and label is None:
             raise ConfigError("Energy(kind='joint') needs the class label y of E(x, y)")
+        k = getattr(classifier, "num_classes", None)
+        if kind == "joint" and (int(label) < 0 or (k is not None and int(label) >= k)):
+            raise ConfigError(f"Energy(kind='joint'): label {label} is outside the classifier's {k} classes")
         self.kind, self.label = kind, label
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +86,7 @@ class Energy(_OnClassifier):
         if self.kind == "marginal":
             return marginal_energy(logits)[:, None]
         labels = torch.full((len(x),), int(self.label), device=x.device)
-        return joint_energy(logits, labels)[:, None]
+        return joint_energy(logits, labels, check=False)[:, None]  # label checked in __init__
 
 
 class Neuron(nn.Module):

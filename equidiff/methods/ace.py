@@ -18,6 +18,7 @@ from equidiff.explain.ace import (
 )
 from equidiff.methods.common import require_grad_mode
 from equidiff.utils.images import to_uint8, uint8_to_float
+from equidiff.utils.precision import full_precision
 from equidiff.utils.rng import generators_for
 
 
@@ -73,8 +74,8 @@ class ACE(L.LightningModule):
         require_grad_mode()
         x, label, seeds = batch["image"], batch["label"], batch["seed"]
         generators = generators_for(seeds)  # every noise of a sample comes from its own seed
-        # 0. the classifier's decision and the class the explanation should reach
-        with torch.no_grad():
+        # 0. the classifier's decision and the class the explanation should reach (in fp32 whatever the precision)
+        with torch.no_grad(), full_precision():
             source = predicted_class(self.classifier(x))
         target = explanation_target(self.target, source, label, num_classes=self.num_classes,
                                     misclassified_to_label=self.misclassified_to_label)
@@ -92,8 +93,9 @@ class ACE(L.LightningModule):
     @torch.no_grad()
     def record(self, batch, x, x_pe, ce, mask, source, target, attack) -> dict:
         x_u8, pe_u8, ce_u8 = to_uint8(x), to_uint8(x_pe), to_uint8(ce)
-        pred = predicted_class(self.classifier(uint8_to_float(ce_u8).to(x)))
-        pe_pred = predicted_class(self.classifier(uint8_to_float(pe_u8).to(x)))
+        with full_precision():  # the recorded decisions in fp32 whatever the run's precision
+            pred = predicted_class(self.classifier(uint8_to_float(ce_u8).to(x)))
+            pe_pred = predicted_class(self.classifier(uint8_to_float(pe_u8).to(x)))
         xs, cs = uint8_to_float(x_u8), uint8_to_float(ce_u8)
         n_pix = x[0].numel()
         return {

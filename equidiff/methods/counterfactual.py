@@ -38,6 +38,7 @@ from equidiff.attacks.targets import TargetRule
 from equidiff.errors import ConfigError
 from equidiff.methods.common import require_grad_mode
 from equidiff.metrics.counterfactual import ATOL, perturbation_stats
+from equidiff.utils.precision import full_precision
 from equidiff.utils.rng import generators_for
 
 
@@ -109,7 +110,7 @@ class Counterfactual(L.LightningModule):
         columns = target if multi else target[:, None]
         box = self.box if self.box is not None else (-1.0, 1.0)
         box = tuple(torch.as_tensor(b, dtype=x.dtype, device=x.device) for b in box)
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():
             source_pred = self.classifier(x).argmax(-1)
         correct = source_pred == y
         attacked = correct if self.only_correct else torch.ones_like(correct)  # 2. GSE: only correct inputs
@@ -121,12 +122,14 @@ class Counterfactual(L.LightningModule):
             if len(rows) == 0:
                 break
             start = time.perf_counter()
-            with torch.enable_grad():
+            # the solvers run in fp32 with autocast off whatever trainer.precision (their losses, step sizes and
+            # stopping tests are tuned in fp32)
+            with torch.enable_grad(), full_precision():
                 x_cf[rows, j] = self.solver(self.classifier, x[rows], columns[rows, j], source=y[rows], box=box,
                                             generators=sub_gens).detach()
             elapsed[rows.cpu(), j] = (time.perf_counter() - start) / len(rows)
         flat = x_cf.flatten(0, 1)
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():
             pred = self.classifier(flat).argmax(-1).reshape(columns.shape)
         valid = (pred == columns) if self.targets.targeted else (pred != y[:, None])
         valid &= attacked[:, None]

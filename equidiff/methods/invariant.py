@@ -20,6 +20,7 @@ from equidiff.invariant.filters import check_cutoffs, low_pass
 from equidiff.invariant.objectives import as_vector
 from equidiff.methods.common import require_grad_mode
 from equidiff.utils.images import to_uint8, uint8_to_float
+from equidiff.utils.precision import full_precision
 from equidiff.utils.rng import generators_for, randn_per_sample
 
 
@@ -112,7 +113,10 @@ class InvariantSampler(L.LightningModule):
         """z -> x through the checkpointed chain (noise for eta > 0 fixed per sample) and the decoder."""
 
         def generate(z: torch.Tensor, active: list[int]) -> torch.Tensor:
-            noises = [n[active] for n in noises_all] if noises_all is not None else None
+            noises = None
+            if noises_all is not None:  # the active samples' fixed noises (one index copy, then device gathers)
+                idx = torch.tensor(active, dtype=torch.long).to(z.device)
+                noises = [n.index_select(0, idx) for n in noises_all]
             chain = self.chain or (flow_chain if self.is_flow
                                    else functools.partial(ddim_chain, scheduler_overrides={"clip_sample": False}))
             z_0 = chain(self._model_fn(len(z)), z, self.backbone.scheduler, num_steps=self.num_steps, eta=self.eta,
@@ -125,7 +129,7 @@ class InvariantSampler(L.LightningModule):
     def _target(self, batch: dict) -> torch.Tensor:
         if "target" in batch:
             return batch["target"].float()
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():  # the target in fp32 whatever the run's precision
             return as_vector(self.objective(batch["query"]), len(batch["query"])).float()  # line 2: t = L(x*)
 
     # ----------------------------------------------------------------------------------- Algorithm 1
@@ -161,7 +165,7 @@ class InvariantSampler(L.LightningModule):
         return x.clamp(-1, 1) if self.is_image else x
 
     def _record(self, batch, x, target, iterations, converged) -> dict:
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():  # recorded values in fp32 whatever the run's precision
             loss, values, filtered = evaluate(self.objective, x, target, self.lam, self.low_pass)
             err = (values - target).norm(dim=-1)
             err_f = (filtered - target).norm(dim=-1) if filtered is not None else err
@@ -176,7 +180,7 @@ class InvariantSampler(L.LightningModule):
             rec["image"] = x
             if "query" in batch:
                 rec["query"] = to_uint8(batch["query"])
-                with torch.no_grad():  # the query's own deviation under F_fc: the reference for freq_deviation
+                with torch.no_grad(), full_precision():  # the query's deviation under F_fc: the reference
                     q = batch["query"]
                     rec["query_freq_deviation"] = torch.stack(
                         [(as_vector(self.objective(low_pass(q, c)), len(q)) - target).norm(dim=-1)

@@ -14,6 +14,7 @@ from equidiff.guidance.energies import joint_energy, marginal_energy
 from equidiff.guidance.guided import ClassifierGuidance
 from equidiff.methods.common import require_grad_mode
 from equidiff.methods.sampling import draw_samples
+from equidiff.utils.precision import full_precision
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,8 @@ class RobustEnergyGuidance(L.LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> dict:
         require_grad_mode()
         x_0 = draw_samples(self.backbone, self.sampler, batch, guidance=self.guidance, device=self.device)
-        with torch.no_grad():
-            logits = self.classifier(x_0)
+        with torch.no_grad(), full_precision():  # the recorded decision and energies in fp32
+            logits = self.classifier(x_0.float())
         labels = batch["label"]
         return {"seed": batch["seed"], "index": batch["index"], "label": labels, "image": x_0,
                 "pred": logits.argmax(-1), "energy": marginal_energy(logits),

@@ -119,8 +119,8 @@ def test_resume_with_another_precision_is_refused(tiny_pipeline_dir, tmp_path):
     out = tmp_path / "out"
     run(compose_cfg(_args(tiny_pipeline_dir, out)), "predict")
     before = sorted(p.name for p in out.rglob("*"))
-    with pytest.raises(ConfigError, match=r"trainer.precision: '32-true' -> 'bf16-true'"):
-        run(compose_cfg(_args(tiny_pipeline_dir, out, "trainer.precision=bf16-true")), "predict")
+    with pytest.raises(ConfigError, match=r"trainer.precision: '32-true' -> 'bf16-mixed'"):
+        run(compose_cfg(_args(tiny_pipeline_dir, out, "trainer.precision=bf16-mixed")), "predict")
     assert sorted(p.name for p in out.rglob("*")) == before
     # resume-free changes are accepted (and change nothing)
     run(compose_cfg(_args(tiny_pipeline_dir, out, "data.batch_size=3", "trainer.deterministic=true")), "predict")

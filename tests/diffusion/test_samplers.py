@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler
 
 from equidiff.diffusion import UNetBackbone, sample_ddim, sample_ddpm
+from equidiff.diffusion.ddim import DDIMSteps
 from equidiff.utils import generators_for, randn_per_sample
 
 
@@ -82,3 +83,41 @@ def test_sampler_callback_sees_every_step(tiny_unet, ddpm_scheduler):
                     callback=lambda i, t, x_t, x0_hat: seen.append((i, int(t), x0_hat.shape)))
     assert [s[0] for s in seen] == list(range(5))
     assert seen[0][1] > seen[-1][1]
+
+
+@pytest.mark.parametrize("config", [{}, {"clip_sample": False}, {"thresholding": True, "clip_sample": False},
+                                    {"set_alpha_to_one": False}, {"timestep_spacing": "trailing"},
+                                    {"timestep_spacing": "linspace", "steps_offset": 1}])
+@pytest.mark.parametrize("eta, clipped", [(0.0, False), (0.6, False), (0.6, True)])
+def test_ddim_steps_equal_diffusers_ddim_step(config, eta, clipped):
+    """DDIMSteps (numbers computed once, no host read in the loop) is DDIMScheduler.step bit for bit."""
+    base = DDIMScheduler(num_train_timesteps=1000, **config)
+    steps = DDIMSteps.build(base, 12, eta=eta, use_clipped_model_output=clipped)
+    ref = DDIMScheduler.from_config(base.config)
+    ref.set_timesteps(12)
+    assert torch.equal(steps.timesteps, ref.timesteps)
+    g = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, 3, 8, 8, generator=g) * 2
+    for i, t in enumerate(ref.timesteps):
+        eps, z = torch.randn(2, 3, 8, 8, generator=g) * 1.5, torch.randn(2, 3, 8, 8, generator=g)
+        expected = ref.step(eps, t, x_t, eta=eta, use_clipped_model_output=clipped,
+                            variance_noise=z if eta > 0 else None)
+        got, x0_hat = steps.step(i, eps, x_t, z)
+        assert torch.equal(got, expected.prev_sample), int(t)
+        assert torch.equal(x0_hat, expected.pred_original_sample)
+        x_t = got
+
+
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "sample"])
+def test_sample_ddim_reads_the_model_output_as_eps_whatever_the_prediction_type(tiny_unet, prediction_type):
+    # the backbone converts v / x0 to eps (the one protocol); the sampler's step must not convert it again
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False)
+    ref = DDIMScheduler.from_config(sched.config)
+    ref.set_timesteps(6)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = x_T
+    with torch.no_grad():
+        for t in ref.timesteps:  # diffusers' loop on the raw network output, with its native step
+            x = ref.step(tiny_unet(x, t).sample, t, x).prev_sample
+        ours = sample_ddim(UNetBackbone(tiny_unet, sched), x_T, sched, num_steps=6)
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)
